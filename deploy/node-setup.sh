@@ -1,0 +1,1 @@
+kubernetes/node-setup.sh
