@@ -1,1 +1,1 @@
-kubernetes/node-setup.sh
+kubernetes/base/node-setup.sh
