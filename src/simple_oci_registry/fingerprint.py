@@ -1,0 +1,35 @@
+"""Stat fingerprints: how the registry notices that a file changed.
+
+inotify sees nothing that other NFS clients do, so change detection polls ``stat``. Comparing a
+full fingerprint for *inequality* (rather than ``mtime >``) also catches an archive replaced by an
+older-dated copy (``cp -p``, ``rsync -t``) and an in-place rewrite of the same size.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+__all__ = ["Fingerprint"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """(device, inode, size, mtime in ns) of one file as seen by ``stat``."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Fingerprint:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def of_path(cls, path: str) -> Fingerprint:
+        return cls.of(os.stat(path))
+
+    @classmethod
+    def of_fd(cls, fd: int) -> Fingerprint:
+        return cls.of(os.fstat(fd))
