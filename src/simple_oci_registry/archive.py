@@ -1,0 +1,500 @@
+"""Byte windows inside image archives: the registry's only contact with ``tarfile``.
+
+An archive is scanned once (per fingerprint) into a table ``member name → (offset, size)``;
+nothing is extracted or copied. A plain tar's members are windows of the file itself, so blob
+bytes can go to the socket with ``sendfile``. A gzip- or zstd-compressed tar has no such windows:
+its members are located in the decompressed stream, small members are kept in memory during the
+scan, and large ones are read back by decompressing again (the blob cache in a later layer makes
+that a one-time cost). An OCI layout *directory* is treated as an archive whose members are files.
+
+Everything here blocks (stat, open, read): callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import gzip
+import io
+import os
+import re
+import stat
+import tarfile
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import IO, Final
+
+import zstandard
+
+from simple_oci_registry.fingerprint import Fingerprint
+
+__all__ = [
+    "Archive",
+    "ArchiveError",
+    "ArchiveKind",
+    "ArchiveLimits",
+    "FileRegion",
+    "Member",
+    "MemberReader",
+    "StaleArchiveError",
+    "detect_kind",
+    "open_archive",
+]
+
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+_CHUNK: Final = 1 << 20
+# The members an OCI image layout consists of (image-spec, image-layout.md); anything else in
+# the tar is ignored.
+_MEMBER_RE: Final = re.compile(r"oci-layout|index\.json|blobs/[a-z0-9+._-]+/[a-zA-Z0-9=_-]+")
+
+
+class ArchiveError(Exception):
+    """The archive cannot be served; the message says why, for the log and the client."""
+
+
+class StaleArchiveError(Exception):
+    """The file changed since it was indexed: the caller must re-resolve."""
+
+
+class ArchiveKind(enum.Enum):
+    TAR = "tar"
+    GZIP = "gzip"
+    ZSTD = "zstd"
+    DIRECTORY = "directory"
+
+
+@dataclass(frozen=True, slots=True)
+class ArchiveLimits:
+    """Bounds that keep a hostile archive from exhausting memory or CPU."""
+
+    max_members: int = 200_000
+    small_member_bytes: int = 4 << 20  # manifests, configs, index.json (distribution caps at 4 MiB)
+    max_small_total: int = 256 << 20  # small members a compressed archive may keep in memory
+    max_expansion: int = 100  # decompressed bytes per compressed byte (gzip/zstd bombs)
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One member of an archive: where its bytes start and how many there are."""
+
+    name: str
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileRegion:
+    """A window of an open file that may be sent with ``sendfile``."""
+
+    file: IO[bytes]
+    offset: int
+
+
+class MemberReader(ABC):
+    """An open member. Own file object per reader, because sendfile moves the file position."""
+
+    size: int
+
+    def region(self) -> FileRegion | None:
+        """The file window holding the member, when the bytes are stored as they are served."""
+        return None
+
+    @abstractmethod
+    def read(self, n: int) -> bytes:
+        """The next up to ``n`` bytes of the member (sequential)."""
+
+    @abstractmethod
+    def unchanged(self) -> bool:
+        """False once the underlying file no longer is what was indexed."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> MemberReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Archive(ABC):
+    """An indexed image archive: its identity at scan time and the members it holds."""
+
+    kind: ArchiveKind
+
+    def __init__(self, path: str, fingerprint: Fingerprint, members: Mapping[str, Member]) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self.members = members
+
+    @abstractmethod
+    def read_member(self, name: str, limit: int) -> bytes:
+        """The whole member, refused when larger than ``limit`` (it is parsed in memory)."""
+
+    @abstractmethod
+    def open_member(self, name: str) -> MemberReader:
+        """Open a member for streaming; raises StaleArchiveError if the file changed."""
+
+    def _member(self, name: str, limit: int | None = None) -> Member:
+        member = self.members.get(name)
+        if member is None:
+            raise ArchiveError(f"{name} is missing from the archive")
+        if limit is not None and member.size > limit:
+            raise ArchiveError(f"{name} is {member.size} bytes, over the {limit}-byte limit")
+        return member
+
+
+def detect_kind(path: str) -> ArchiveKind:
+    """Tell the archive's format from its content, never from its name."""
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        return ArchiveKind.DIRECTORY
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(_GZIP_MAGIC):
+        return ArchiveKind.GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return ArchiveKind.ZSTD
+    # POSIX ustar and GNU tar put a magic at offset 257 (POSIX.1-1988 ustar header).
+    if len(head) == 512 and head[257:262] == b"ustar":
+        return ArchiveKind.TAR
+    raise ArchiveError("not a tar, gzip or zstd archive, nor an OCI layout directory")
+
+
+def open_archive(path: str, limits: ArchiveLimits | None = None) -> Archive:
+    """Index the archive at ``path`` (blocking)."""
+    limits = limits or ArchiveLimits()
+    kind = detect_kind(path)
+    if kind is ArchiveKind.TAR:
+        return TarArchive.scan(path, limits)
+    if kind is ArchiveKind.DIRECTORY:
+        return DirectoryArchive.scan(path, limits)
+    return CompressedTarArchive.scan(path, kind, limits)
+
+
+def _normalise(name: str) -> str | None:
+    """The layout-relative name of a tar member, or None when it is not part of a layout."""
+    while name.startswith("./"):
+        name = name[2:]
+    return name if _MEMBER_RE.fullmatch(name) else None
+
+
+def _collect(
+    entries: list[tuple[tarfile.TarInfo, str]], limits: ArchiveLimits
+) -> dict[str, Member]:
+    """Turn scanned tar headers into the member table, refusing what must not be served."""
+    members: dict[str, Member] = {}
+    duplicates: set[str] = set()
+    for info, name in entries:
+        if not info.isreg() or info.sparse is not None:
+            # Links could point anywhere and sparse files have holes the window doesn't map:
+            # neither is a byte window we can vouch for.
+            raise ArchiveError(f"{name} is a {_type_name(info)}, not a regular file")
+        if name in members:
+            duplicates.add(name)
+        members[name] = Member(name, info.offset_data, info.size)
+    if duplicates:
+        raise ArchiveError(f"duplicate members: {', '.join(sorted(duplicates)[:5])}")
+    if len(members) > limits.max_members:
+        raise ArchiveError(f"more than {limits.max_members} members")
+    return members
+
+
+def _type_name(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        return "symbolic link"
+    if info.islnk():
+        return "hard link"
+    if info.isdir():
+        return "directory"
+    if info.sparse is not None:
+        return "sparse file"
+    return "special file"
+
+
+class _FdReader(MemberReader):
+    """A member that is a plain window ``[offset, offset+size)`` of an open file."""
+
+    def __init__(self, file: IO[bytes], offset: int, size: int, fingerprint: Fingerprint) -> None:
+        self._file = file
+        self._offset = offset
+        self._pos = 0
+        self.size = size
+        self._fingerprint = fingerprint
+
+    def region(self) -> FileRegion:
+        return FileRegion(self._file, self._offset)
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self.size - self._pos)
+        if n <= 0:
+            return b""
+        data = os.pread(self._file.fileno(), n, self._offset + self._pos)
+        self._pos += len(data)
+        return data
+
+    def unchanged(self) -> bool:
+        try:
+            return Fingerprint.of_fd(self._file.fileno()) == self._fingerprint
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _open_checked(path: str, fingerprint: Fingerprint) -> IO[bytes]:
+    """Open ``path`` and make sure the opened file is the one that was indexed.
+
+    Checking the *descriptor* (not the path) closes the race between stat and open: if the file
+    was replaced, the caller re-resolves instead of serving other bytes under an old digest.
+    """
+    try:
+        file = open(path, "rb", buffering=0)  # noqa: SIM115 - handed to the reader
+    except FileNotFoundError as exc:
+        raise StaleArchiveError(f"{path} disappeared") from exc
+    try:
+        if Fingerprint.of_fd(file.fileno()) != fingerprint:
+            raise StaleArchiveError(f"{path} changed since it was indexed")
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+class TarArchive(Archive):
+    """An uncompressed tar: every member is a window of the file, served with sendfile."""
+
+    kind = ArchiveKind.TAR
+
+    @classmethod
+    def scan(cls, path: str, limits: ArchiveLimits) -> TarArchive:
+        with open(path, "rb") as f:
+            fingerprint = Fingerprint.of_fd(f.fileno())
+            entries: list[tuple[tarfile.TarInfo, str]] = []
+            try:
+                with tarfile.open(fileobj=f, mode="r:") as tf:
+                    for info in tf:
+                        name = _normalise(info.name)
+                        if name is not None:
+                            entries.append((info, name))
+                        if len(entries) > limits.max_members:
+                            raise ArchiveError(f"more than {limits.max_members} members")
+            except (tarfile.TarError, EOFError) as exc:
+                raise ArchiveError(f"unreadable tar: {exc}") from exc
+        members = _collect(entries, limits)
+        for member in members.values():
+            # A header may announce more bytes than the file holds (truncated copy, lying size).
+            if member.offset + member.size > fingerprint.size:
+                raise ArchiveError(f"{member.name} extends past the end of the file (truncated?)")
+        return cls(path, fingerprint, members)
+
+    def read_member(self, name: str, limit: int) -> bytes:
+        member = self._member(name, limit)
+        with _open_checked(self.path, self.fingerprint) as f:
+            data = os.pread(f.fileno(), member.size, member.offset)
+        if len(data) != member.size:
+            raise StaleArchiveError(f"{self.path} is shorter than indexed")
+        return data
+
+    def open_member(self, name: str) -> MemberReader:
+        member = self._member(name)
+        return _FdReader(_open_checked(self.path, self.fingerprint), member.offset, member.size,
+                         self.fingerprint)
+
+
+class _BoundedReader(io.RawIOBase):
+    """Counts decompressed bytes and stops a decompression bomb."""
+
+    def __init__(self, inner: IO[bytes], budget: int) -> None:
+        self._inner = inner
+        self._budget = budget
+        self.consumed = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        data = self._inner.read(len(buffer))
+        self.consumed += len(data)
+        if self.consumed > self._budget:
+            raise ArchiveError("decompressed size exceeds the expansion limit (compression bomb?)")
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _decompressor(kind: ArchiveKind, raw: IO[bytes]) -> IO[bytes]:
+    if kind is ArchiveKind.GZIP:
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+
+class _StreamReader(MemberReader):
+    """A member of a compressed tar, read by decompressing from the start of the archive."""
+
+    def __init__(self, raw: IO[bytes], kind: ArchiveKind, member: Member,
+                 fingerprint: Fingerprint) -> None:
+        self._raw = raw
+        self._stream = _decompressor(kind, raw)
+        self._fingerprint = fingerprint
+        self.size = member.size
+        self._left = member.size
+        skip = member.offset
+        while skip:
+            got = len(self._stream.read(min(skip, _CHUNK)))
+            if not got:
+                raise StaleArchiveError("archive ended before the member")
+            skip -= got
+
+    def read(self, n: int) -> bytes:
+        n = min(n, self._left)
+        if n <= 0:
+            return b""
+        data = self._stream.read(n)
+        if not data:
+            raise StaleArchiveError("archive ended inside the member")
+        self._left -= len(data)
+        return data
+
+    def unchanged(self) -> bool:
+        try:
+            return Fingerprint.of_fd(self._raw.fileno()) == self._fingerprint
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self._stream.close()
+        self._raw.close()
+
+
+class CompressedTarArchive(Archive):
+    """A gzip- or zstd-compressed tar (the original project's format: ``docker save | gzip``)."""
+
+    def __init__(self, path: str, fingerprint: Fingerprint, members: Mapping[str, Member],
+                 kind: ArchiveKind, small: Mapping[str, bytes]) -> None:
+        super().__init__(path, fingerprint, members)
+        self.kind = kind
+        self._small = small
+
+    @classmethod
+    def scan(cls, path: str, kind: ArchiveKind, limits: ArchiveLimits) -> CompressedTarArchive:
+        entries: list[tuple[tarfile.TarInfo, str]] = []
+        small: dict[str, bytes] = {}
+        small_total = 0
+        with open(path, "rb") as raw:
+            fingerprint = Fingerprint.of_fd(raw.fileno())
+            budget = limits.max_expansion * fingerprint.size + (1 << 20)
+            try:
+                with _decompressor(kind, raw) as stream:
+                    bounded = io.BufferedReader(_BoundedReader(stream, budget), _CHUNK)
+                    with tarfile.open(fileobj=bounded, mode="r|") as tf:
+                        for info in tf:
+                            name = _normalise(info.name)
+                            if name is None:
+                                continue
+                            entries.append((info, name))
+                            if len(entries) > limits.max_members:
+                                raise ArchiveError(f"more than {limits.max_members} members")
+                            if info.isreg() and info.size <= limits.small_member_bytes:
+                                small_total += info.size
+                                if small_total > limits.max_small_total:
+                                    raise ArchiveError("too many small members")
+                                extracted = tf.extractfile(info)
+                                if extracted is not None:
+                                    small[name] = extracted.read()
+            except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as exc:
+                raise ArchiveError(f"unreadable {kind.value} archive: {exc}") from exc
+        members = _collect(entries, limits)
+        for name, data in small.items():
+            if len(data) != members[name].size:
+                raise ArchiveError(f"{name} is truncated")
+        return cls(path, fingerprint, members, kind, small)
+
+    def read_member(self, name: str, limit: int) -> bytes:
+        self._member(name, limit)
+        data = self._small.get(name)
+        if data is None:
+            raise ArchiveError(f"{name} is too large to read into memory")
+        return data
+
+    def open_member(self, name: str) -> MemberReader:
+        member = self._member(name)
+        raw = _open_checked(self.path, self.fingerprint)
+        try:
+            return _StreamReader(raw, self.kind, member, self.fingerprint)
+        except BaseException:
+            raw.close()
+            raise
+
+
+class DirectoryArchive(Archive):
+    """An OCI image layout directory: each member is its own file.
+
+    The archive's fingerprint is that of ``index.json``: tools rewrite it on every change to the
+    layout, while blob files are immutable by name (and verified against their digests anyway).
+    """
+
+    kind = ArchiveKind.DIRECTORY
+
+    def __init__(self, path: str, fingerprint: Fingerprint, members: Mapping[str, Member],
+                 files: Mapping[str, Fingerprint]) -> None:
+        super().__init__(path, fingerprint, members)
+        self._files = files
+
+    @classmethod
+    def scan(cls, path: str, limits: ArchiveLimits) -> DirectoryArchive:
+        members: dict[str, Member] = {}
+        files: dict[str, Fingerprint] = {}
+
+        def add(name: str) -> None:
+            st = os.stat(os.path.join(path, name), follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise ArchiveError(f"{name} is not a regular file")
+            members[name] = Member(name, 0, st.st_size)
+            files[name] = Fingerprint.of(st)
+
+        try:
+            for top in ("oci-layout", "index.json"):
+                if os.path.lexists(os.path.join(path, top)):
+                    add(top)
+            blobs = os.path.join(path, "blobs")
+            if os.path.isdir(blobs):
+                for algorithm in sorted(os.listdir(blobs)):
+                    alg_dir = os.path.join(blobs, algorithm)
+                    if not os.path.isdir(alg_dir) or os.path.islink(alg_dir):
+                        continue
+                    for encoded in os.listdir(alg_dir):
+                        name = f"blobs/{algorithm}/{encoded}"
+                        if _MEMBER_RE.fullmatch(name):
+                            add(name)
+                        if len(members) > limits.max_members:
+                            raise ArchiveError(f"more than {limits.max_members} members")
+        except OSError as exc:
+            raise ArchiveError(f"unreadable layout directory: {exc}") from exc
+        if "index.json" not in files:
+            raise ArchiveError("index.json is missing from the layout directory")
+        return cls(path, files["index.json"], members, files)
+
+    def read_member(self, name: str, limit: int) -> bytes:
+        self._member(name, limit)
+        with self._open(name) as reader:
+            data = reader.read(limit + 1)
+        return data
+
+    def open_member(self, name: str) -> MemberReader:
+        self._member(name)
+        return self._open(name)
+
+    def _open(self, name: str) -> MemberReader:
+        fingerprint = self._files[name]
+        path = os.path.join(self.path, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StaleArchiveError(f"{path}: {exc.strerror}") from exc
+        file = os.fdopen(fd, "rb", buffering=0)
+        if Fingerprint.of_fd(fd) != fingerprint:
+            file.close()
+            raise StaleArchiveError(f"{path} changed since it was indexed")
+        return _FdReader(file, 0, fingerprint.size, fingerprint)
