@@ -1,0 +1,150 @@
+"""Where ``<name>:<reference>`` may live on disk, in the order the candidates are tried.
+
+Relative to the image directory, for ``<name>:<reference>``::
+
+    <dir>/
+    ├── <name>/<reference>.oci      1. the reference's own file in the name's directory
+    ├── <name>/*.oci                2. any other archive in that directory
+    ├── <name>:<reference>.oci      3. the reference's own file beside the name
+    ├── <name>:*.oci                4. any other "<name>:…" archive beside it
+    └── <name>.oci                  5. one archive for the whole name
+
+A name's candidates (patterns 2, 4 and 5 cover 1 and 3) are listed with two directory reads,
+never with glob: names come from requests, and although :mod:`reference` already rejects every
+glob metacharacter, listing and filtering by plain string comparison leaves nothing to escape.
+Hidden entries are skipped, and a candidate that resolves outside the image directory (a symlink
+pointing elsewhere) is refused unless the operator allows it.
+
+Everything here blocks: callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from simple_oci_registry.fingerprint import Fingerprint
+from simple_oci_registry.reference import valid_name, valid_tag
+
+__all__ = ["Candidate", "Pattern", "list_candidates", "ordered", "walk_names"]
+
+log = logging.getLogger(__name__)
+
+SUFFIX: Final = ".oci"
+
+
+class Pattern(enum.IntEnum):
+    """How a candidate file relates to the name (the numbering follows the module docstring)."""
+
+    IN_DIRECTORY = 2  # <name>/<stem>.oci
+    BESIDE = 4  # <name>:<stem>.oci
+    WHOLE = 5  # <name>.oci
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One archive a name may resolve to, with the fingerprint it had when listed."""
+
+    path: str
+    pattern: Pattern
+    stem: str  # the "<reference>" part of the file name ("" for <name>.oci)
+    fingerprint: Fingerprint
+
+
+def _inside(root: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root + os.sep)
+
+
+def _entries(directory: str) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as it:
+            yield from it
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+
+def list_candidates(root: str, name: str, *, allow_outside: bool = False) -> tuple[Candidate, ...]:
+    """Every archive ``name`` may resolve to, in patterns 2, 4, 5 order, each group sorted.
+
+    ``root`` must be absolute and symlink-resolved; ``name`` must already be validated.
+    """
+    found: list[Candidate] = []
+    name_dir = os.path.join(root, name)
+    parent, base = os.path.split(name_dir)
+
+    def consider(entry: os.DirEntry[str], pattern: Pattern, stem: str) -> None:
+        if not allow_outside and not _inside(root, entry.path):
+            log.warning("refusing %s: it resolves outside the image directory", entry.path)
+            return
+        try:
+            fingerprint = Fingerprint.of_path(entry.path)
+        except OSError:
+            return  # vanished between listing and stat, or a dangling link
+        found.append(Candidate(entry.path, pattern, stem, fingerprint))
+
+    for entry in sorted(_entries(name_dir), key=lambda e: e.name):
+        if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
+            consider(entry, Pattern.IN_DIRECTORY, entry.name[: -len(SUFFIX)])
+    beside: list[os.DirEntry[str]] = []
+    whole: os.DirEntry[str] | None = None
+    prefix = base + ":"
+    for entry in _entries(parent):
+        if not entry.name.endswith(SUFFIX):
+            continue
+        if entry.name.startswith(prefix):
+            beside.append(entry)
+        elif entry.name == base + SUFFIX:
+            whole = entry
+    for entry in sorted(beside, key=lambda e: e.name):
+        consider(entry, Pattern.BESIDE, entry.name[len(prefix): -len(SUFFIX)])
+    if whole is not None:
+        consider(whole, Pattern.WHOLE, "")
+    return tuple(found)
+
+
+def ordered(candidates: Sequence[Candidate], reference: str | None) -> list[Candidate]:
+    """The candidates in the order they are tried for ``reference`` (a tag, or None)."""
+    if reference is None:
+        return list(candidates)
+
+    def rank(c: Candidate) -> tuple[int, int]:
+        own = c.pattern is not Pattern.WHOLE and c.stem == reference
+        return (int(c.pattern) - (1 if own else 0), 0)
+
+    # sorted() is stable: within a group the listing's name order is kept.
+    return sorted(candidates, key=rank)
+
+
+def walk_names(root: str, *, allow_outside: bool = False) -> list[str]:
+    """Every repository name some archive in ``root`` can be pulled as (for ``/v2/_catalog``).
+
+    A file ``a/b/c.oci`` serves two names: ``a/b`` (pattern 2) and ``a/b/c`` (pattern 5);
+    ``a/x:1.oci`` serves ``a/x`` (pattern 4). Hidden entries and invalid names are skipped.
+    """
+    names: set[str] = set()
+    for directory, dirnames, filenames in os.walk(root, followlinks=allow_outside):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.endswith(SUFFIX)]
+        rel_dir = os.path.relpath(directory, root)
+        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
+        archives = [f for f in filenames if f.endswith(SUFFIX) and not f.startswith(".")]
+        # Layout directories named like archives count as archives.
+        archives += [d for d in os.listdir(directory)
+                     if d.endswith(SUFFIX) and not d.startswith(".")
+                     and os.path.isdir(os.path.join(directory, d))]
+        for file_name in archives:
+            stem = file_name[: -len(SUFFIX)]
+            if ":" in stem:
+                base, _, tag = stem.partition(":")
+                candidate = f"{rel_dir}/{base}" if rel_dir else base
+                if valid_tag(tag) or tag == "":
+                    names.add(candidate)
+                continue
+            if rel_dir:
+                names.add(rel_dir)
+            names.add(f"{rel_dir}/{stem}" if rel_dir else stem)
+    return sorted(n for n in names if valid_name(n))
