@@ -1,0 +1,276 @@
+"""The ``simple-oci-registry`` command: flags (each with a ``SOR_*`` environment twin) → Config.
+
+``serve`` (the default) runs the registry: with ``--workers N > 1`` the parent process binds the
+port, forks N workers that each listen on it with SO_REUSEPORT (the kernel spreads connections
+across them; they share nothing but the image directory), restarts a worker that dies, and
+forwards SIGTERM/SIGINT so each worker drains its in-flight transfers before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from aiohttp import web
+
+from simple_oci_registry import __version__
+from simple_oci_registry.app import make_app
+from simple_oci_registry.config import DEFAULTS, Config
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+log = logging.getLogger("simple_oci_registry")
+
+ENV_PREFIX: Final = "SOR_"
+SUBCOMMANDS: Final = ("serve",)
+T = TypeVar("T")
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def listen_arg(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6); port 0 asks the kernel for a free port."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 0-65535, got {value!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_text)
+
+
+def directory_arg(value: str) -> Path:
+    """The image directory must exist and be readable at start-up."""
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"image directory {str(path)!r} does not exist "
+                                         "or is not a directory")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"image directory {str(path)!r} is not readable")
+    return path.resolve()
+
+
+def readable_file_arg(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"{str(path)!r} is not a readable file")
+    return path.resolve()
+
+
+def _non_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
+    def parse(value: str) -> T:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if number < 0:  # type: ignore[operator]
+            raise argparse.ArgumentTypeError(f"must not be negative, got {value!r}")
+        return number
+    return parse
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _add(parser: argparse.ArgumentParser, flag: str, *, default: Any, help: str,
+         **kwargs: Any) -> None:
+    """Add a flag whose default comes from its ``SOR_*`` environment twin when set."""
+    env = _env_name(flag)
+    parser.add_argument(flag, default=os.environ.get(env, default),
+                        help=f"{help} [env {env}; default: %(default)s]", **kwargs)
+
+
+def _add_bool(parser: argparse.ArgumentParser, flag: str, *, default: bool, help: str) -> None:
+    env = _env_name(flag)
+    env_value = os.environ.get(env)
+    parser.add_argument(flag, action=argparse.BooleanOptionalAction,
+                        default=_bool(env_value) if env_value is not None else default,
+                        help=f"{help} [env {env}; default: %(default)s]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="simple-oci-registry",
+        description="A read-only OCI registry serving images straight from .oci archives.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser("serve", help="serve the image directory (the default command)")
+    _add(serve, "--dir", default=DEFAULTS.directory, type=directory_arg,
+         help="the image directory")
+    _add(serve, "--listen", default=DEFAULTS.listen, type=listen_arg,
+         help="address to listen on, HOST:PORT (port 0 picks a free port)")
+    _add(serve, "--workers", default=os.cpu_count() or 1, type=_non_negative(int),
+         help="worker processes sharing the port (SO_REUSEPORT)")
+    _add(serve, "--rescan-interval", default=DEFAULTS.rescan_interval,
+         type=_non_negative(float), help="seconds between full rescans of known names")
+    _add(serve, "--freshness-window", default=DEFAULTS.freshness_window,
+         type=_non_negative(float),
+         help="seconds a name's checked archive list is trusted before it is stat'ed again "
+              "(0: check on every request)")
+    _add(serve, "--tls-cert", default=None, type=readable_file_arg,
+         help="PEM certificate chain; with --tls-key serves HTTPS")
+    _add(serve, "--tls-key", default=None, type=readable_file_arg, help="PEM private key")
+    _add(serve, "--log-level", default=DEFAULTS.log_level,
+         choices=["debug", "info", "warning", "error"], type=str.lower, help="log level")
+    _add(serve, "--shutdown-timeout", default=DEFAULTS.shutdown_timeout,
+         type=_non_negative(float),
+         help="seconds in-flight transfers may take to finish after SIGTERM")
+    _add_bool(serve, "--access-log", default=True, help="log every request")
+    _add_bool(serve, "--allow-outside-symlinks", default=False,
+              help="serve archives whose symlinks resolve outside the image directory")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    host, port = args.listen
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SystemExit("simple-oci-registry: --tls-cert and --tls-key go together")
+    return Config(
+        directory=args.dir, host=host, port=port, workers=max(1, args.workers),
+        rescan_interval=args.rescan_interval, freshness_window=args.freshness_window,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
+        access_log=args.access_log, shutdown_timeout=args.shutdown_timeout,
+        allow_outside_symlinks=args.allow_outside_symlinks)
+
+
+def _bind(config: Config, *, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((config.host, config.port))
+    return sock
+
+
+def _ssl_context(config: Config) -> ssl.SSLContext | None:
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
+
+
+async def _serve_socket(config: Config, sock: socket.socket) -> None:
+    """Run one worker on a listening socket until SIGTERM/SIGINT, then drain and exit."""
+    app = make_app(config)
+    runner = web.AppRunner(app, handle_signals=False, access_log=log.getChild("access")
+                           if config.access_log else None,
+                           shutdown_timeout=config.shutdown_timeout)
+    await runner.setup()
+    site = web.SockSite(runner, sock, ssl_context=_ssl_context(config),
+                        backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests for up to %.0fs",
+             config.shutdown_timeout)
+    await runner.cleanup()
+
+
+def _worker(config: Config, port: int) -> None:
+    sock = _bind(dataclasses.replace(config, port=port), reuse_port=True)
+    sock.listen(1024)
+    asyncio.run(_serve_socket(config, sock))
+
+
+def _supervise(config: Config, port: int) -> int:
+    """Fork the workers and keep them running until told to stop."""
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 0
+            try:
+                _worker(config, port)
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            os._exit(code)
+        children[pid] = slot
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for slot in range(config.workers):
+        spawn(slot)
+    exit_code = 0
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = children.pop(pid, -1)
+        if slot < 0:
+            continue
+        if not stopping:
+            log.error("worker %d exited (status %d); starting a new one", pid, status)
+            time.sleep(0.5)
+            spawn(slot)
+        elif os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM, -signal.SIGINT):
+            exit_code = 1
+    return exit_code
+
+
+def serve(config: Config) -> int:
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.access_log is False:
+        logging.getLogger("simple_oci_registry.access").disabled = True
+    sock = _bind(config, reuse_port=config.workers > 1)
+    host, port = sock.getsockname()[:2]
+    scheme = "https" if config.tls_cert else "http"
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"simple-oci-registry {__version__} serving {config.directory} on "
+          f"{scheme}://{shown_host}:{port}/ with {config.workers} worker(s)", flush=True)
+    if config.workers == 1:
+        sock.listen(1024)
+        asyncio.run(_serve_socket(config, sock))
+        return 0
+    # The parent keeps its bound (not listening) socket so the port stays reserved.
+    return _supervise(config, port)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0] not in SUBCOMMANDS
+                         and args_list[0] not in ("-h", "--help", "--version")):
+        args_list.insert(0, "serve")  # the original took "--dir" with no subcommand
+    args = build_parser().parse_args(args_list)
+    if args.command == "serve":
+        return serve(config_from_args(args))
+    build_parser().print_help()
+    return 2
