@@ -1,0 +1,73 @@
+"""Shared fixtures: the standard images, a running registry process, and client helpers."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.images import StandardImages, build_standard_images
+from tests.server import RegistryProcess
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="run the long soak tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="long soak: run with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "images"
+    directory.mkdir()
+    return directory
+
+
+@pytest.fixture
+def standard_images(image_dir: Path) -> StandardImages:
+    return build_standard_images(image_dir)
+
+
+@pytest.fixture(scope="session")
+def shared_images(tmp_path_factory: pytest.TempPathFactory) -> StandardImages:
+    """Standard images for read-only tests, built once per session."""
+    return build_standard_images(tmp_path_factory.mktemp("shared") / "images")
+
+
+@pytest.fixture
+def start_registry() -> Iterator[Callable[..., RegistryProcess]]:
+    """Start real registry processes (``start_registry(directory, *flags)``); all are stopped."""
+    started: list[RegistryProcess] = []
+
+    def start(directory: Path, *args: str) -> RegistryProcess:
+        process = RegistryProcess(directory, *args).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_registry(shared_images: StandardImages) -> Iterator[RegistryProcess]:
+    """One registry process over the shared images, for tests that only read."""
+    with RegistryProcess(shared_images.root) as process:
+        yield process
+
+
+def require(tool: str) -> str:
+    """The path of an external client, or skip with the reason (CI installs them all)."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (.ci/run installs it)")
+    return path
