@@ -1,0 +1,196 @@
+"""The benchmark harness (``python -m bench``) runs end to end on tiny inputs and reports.
+
+Only the shape of the output is checked, never a figure: timings depend on the machine. Servers
+whose binaries are missing must be skipped with a reason, not fail the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # ``bench`` is a top-level directory, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from bench import report  # noqa: E402
+from bench.load import parse_ab, parse_wrk  # noqa: E402
+from bench.procstat import process_tree, sample_tree  # noqa: E402
+
+BLOB_KEYS = (
+    "blob_single_gbps",
+    "blob_concurrent_gbps",
+    "cpu_s_per_gb",
+    "rss_before_mb",
+    "rss_after_mb",
+    "rss_peak_mb",
+    "rss_growth_mb",
+)
+RATE_KEYS = ("manifest_get_rps", "manifest_head_rps", "tags_list_rps")
+OURS_ONLY_KEYS = (
+    "cold_manifest_ms_1",
+    "cold_manifest_ms_3",
+    "gzip_first_ttfb_ms",
+    "gzip_first_gbps",
+    "gzip_second_ttfb_ms",
+    "gzip_second_gbps",
+)
+TOP_KEYS = {
+    "schema",
+    "mode",
+    "plan",
+    "environment",
+    "fixtures",
+    "units",
+    "results",
+    "ratios",
+    "targets",
+    "skipped",
+    "failed",
+    "notes",
+    "table",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, dict[str, Any]]:
+    """One ``--tiny`` run shared by the tests below: (stdout, stderr, JSON document)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "results" / "latest.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "src")]))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--tiny", "--work-dir", str(tmp / "work")]
+        + ["--json-out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    assert done.returncode == 0, f"bench failed:\n{done.stdout}\n{done.stderr[-4000:]}"
+    return done.stdout, done.stderr, json.loads(out.read_text())
+
+
+def test_prints_one_table_with_every_server_and_the_targets(
+    tiny_run: tuple[str, str, dict[str, Any]],
+) -> None:
+    stdout, _, document = tiny_run
+    header = stdout.splitlines()[0]
+    for column in ("metric", "ours min / med", "nginx min / med", "distribution min / med"):
+        assert column in header
+    assert "ours/nginx" in header and "ours/dist" in header
+    for target in document["targets"]:
+        assert target["name"] in stdout
+    assert document["table"] == stdout.rstrip("\n")
+
+
+def test_json_has_the_expected_keys(tiny_run: tuple[str, str, dict[str, Any]]) -> None:
+    _, _, document = tiny_run
+    assert TOP_KEYS <= set(document)
+    assert document["mode"] == "tiny"
+    assert set(document["results"]) == set(report.SERVERS)
+    assert set(document["ratios"]) == {"ours/nginx", "ours/distribution"}
+    assert document["fixtures"]["manifest_digest"].startswith("sha256:")
+    assert len(document["targets"]) == 9
+    for target in document["targets"]:
+        assert set(target) == {"name", "goal", "value", "met"}
+        assert target["met"] in (True, False, None)
+
+
+def _tool_missing(server: str) -> bool:
+    needs = {"ours": [], "nginx": ["nginx"], "distribution": ["docker-registry", "skopeo"]}
+    sbin = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    return any(shutil.which(b, path=sbin) is None for b in needs[server])
+
+
+@pytest.mark.parametrize("server", report.SERVERS)
+def test_each_server_is_measured_or_skipped_with_a_reason(
+    tiny_run: tuple[str, str, dict[str, Any]], server: str
+) -> None:
+    stdout, stderr, document = tiny_run
+    assert server not in document["failed"], f"{server} failed: {document['failed'][server]}"
+    if server in document["skipped"]:
+        reason = document["skipped"][server]
+        assert reason and f"skipped or failed, {server}: {reason}" in stdout
+        if server != "ours":
+            assert _tool_missing(server) and "not installed" in reason
+        return
+    figures = document["results"][server]
+    expected = BLOB_KEYS + (OURS_ONLY_KEYS if server == "ours" else ())
+    expected += tuple(k for k in RATE_KEYS if shutil.which("wrk" if "head" not in k else "ab"))
+    for key in expected:
+        assert set(figures[key]) == {"runs", "min", "median"}, key
+        assert figures[key]["runs"], key
+        assert figures[key]["min"] <= figures[key]["median"], key
+
+
+def test_targets_are_judged_from_medians() -> None:
+    results = {
+        "ours": {
+            "blob_single_gbps": [1.0, 2.0, 3.0],
+            "blob_concurrent_gbps": [1.0],
+            "cpu_s_per_gb": [0.3],
+            "manifest_get_rps": [30_000.0],
+            "rss_growth_mb": [1.0, 25.0],
+            "cold_manifest_ms_100": [4.0],
+            "cold_manifest_ms_10000": [9.5],
+            "gzip_second_gbps": [1.9],
+        },
+        "nginx": {
+            "blob_single_gbps": [2.0],
+            "blob_concurrent_gbps": [2.0],
+            "cpu_s_per_gb": [0.1],
+            "manifest_get_rps": [100_000.0],
+        },
+        "distribution": {"manifest_get_rps": [2_000.0]},
+    }
+    verdicts = [t.met for t in report.targets(results, (100, 10_000))]
+    # 1 stream 1.0x, 32 streams 0.5x, CPU 3x, GET 15x dist, 0.3x nginx, RSS worst 25 MB,
+    # cold < 50 ms, 9.5 <= max(8, 9) fails flatness, gzip 0.95x.
+    assert verdicts == [True, False, False, True, True, False, True, False, True]
+    assert [t.met for t in report.targets({}, (1,))] == [None] * 9
+
+
+def test_render_leaves_unmeasured_rows_out() -> None:
+    results = {"ours": {"blob_single_gbps": [1.0, 3.0]}, "nginx": {"blob_single_gbps": [2.0]}}
+    metrics = report.metrics_for((1,))
+    text = report.render(
+        results, metrics, report.ratios(results, metrics), report.targets(results, (1,)), {}
+    )
+    assert "1.00 / 2.00" in text and "blob GET, 1 stream" in text
+    assert "tags/list" not in text
+
+
+def test_parses_wrk_and_ab_summaries() -> None:
+    wrk = parse_wrk(
+        "Running 1s test @ http://127.0.0.1:1/v2/\n  2 threads and 64 connections\n"
+        "  21000 requests in 1.00s, 30.00MB read\n"
+        "  Socket errors: connect 0, read 2, write 0, timeout 1\n"
+        "  Non-2xx or 3xx responses: 5\nRequests/sec:  20999.50\nTransfer/sec:     29.99MB\n"
+    )
+    assert (wrk.requests, wrk.errors, wrk.non_2xx) == (21000, 3, 5)
+    assert wrk.requests_per_second == pytest.approx(20999.5)
+    ab = parse_ab(
+        "Complete requests:      414925\nFailed requests:        0\n"
+        "Keep-Alive requests:    414925\nRequests per second:    138305.75 [#/sec] (mean)\n"
+    )
+    assert (ab.requests, ab.errors, ab.non_2xx) == (414925, 0, 0)
+    assert ab.requests_per_second == pytest.approx(138305.75)
+
+
+def test_process_tree_sums_children() -> None:
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as child:
+        try:
+            assert child.pid in process_tree(os.getpid())
+            sample = sample_tree(os.getpid())
+            assert sample.rss_bytes > 0 and sample.cpu_seconds > 0
+        finally:
+            child.kill()
