@@ -14,10 +14,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
-import ssl
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,14 +27,16 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 
 from simple_oci_registry import __version__
-from simple_oci_registry.app import make_app
 from simple_oci_registry.config import DEFAULTS, Config
+from simple_oci_registry.logs import ACCESS_LOGGER, AccessLogger, configure_logging
+from simple_oci_registry.tls import ReloadingTLS
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 log = logging.getLogger("simple_oci_registry")
 
 ENV_PREFIX: Final = "SOR_"
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 SUBCOMMANDS: Final = ("serve",)
 T = TypeVar("T")
 
@@ -133,7 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--shutdown-timeout", default=DEFAULTS.shutdown_timeout,
          type=_non_negative(float),
          help="seconds in-flight transfers may take to finish after SIGTERM")
+    _add(serve, "--log-format", default=DEFAULTS.log_format, choices=["text", "json"],
+         type=str.lower, help="log line format (json: one object per line, access log too)")
     _add_bool(serve, "--access-log", default=True, help="log every request")
+    _add(serve, "--cache-dir", default=DEFAULTS.cache_dir, type=Path,
+         help="node-local directory for blobs decompressed from gzip/zstd archives")
+    _add(serve, "--cache-max-bytes", default=DEFAULTS.cache_max_bytes,
+         type=_non_negative(int), help="size bound of --cache-dir (least recently used go first)")
+    _add(serve, "--htpasswd", default=None, type=readable_file_arg,
+         help="htpasswd file with bcrypt hashes: require HTTP basic auth (default: anonymous)")
+    _add(serve, "--max-connections", default=DEFAULTS.max_connections,
+         type=_non_negative(int), help="concurrent connections per worker before new ones wait")
     _add_bool(serve, "--allow-outside-symlinks", default=False,
               help="serve archives whose symlinks resolve outside the image directory")
     return parser
@@ -147,7 +160,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         directory=args.dir, host=host, port=port, workers=max(1, args.workers),
         rescan_interval=args.rescan_interval, freshness_window=args.freshness_window,
         tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
-        access_log=args.access_log, shutdown_timeout=args.shutdown_timeout,
+        log_format=args.log_format, access_log=args.access_log,
+        shutdown_timeout=args.shutdown_timeout, cache_dir=args.cache_dir,
+        cache_max_bytes=args.cache_max_bytes, htpasswd=args.htpasswd,
+        max_connections=args.max_connections,
         allow_outside_symlinks=args.allow_outside_symlinks)
 
 
@@ -161,24 +177,24 @@ def _bind(config: Config, *, reuse_port: bool) -> socket.socket:
     return sock
 
 
-def _ssl_context(config: Config) -> ssl.SSLContext | None:
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls_cert, config.tls_key)
-    return context
-
-
 async def _serve_socket(config: Config, sock: socket.socket) -> None:
     """Run one worker on a listening socket until SIGTERM/SIGINT, then drain and exit."""
+    # Imported here so that prometheus-client sees PROMETHEUS_MULTIPROC_DIR set by serve().
+    from simple_oci_registry.app import make_app
+
     app = make_app(config)
-    runner = web.AppRunner(app, handle_signals=False, access_log=log.getChild("access")
+    runner = web.AppRunner(app, handle_signals=False,
+                           access_log=logging.getLogger(ACCESS_LOGGER)
                            if config.access_log else None,
-                           shutdown_timeout=config.shutdown_timeout)
+                           access_log_class=AccessLogger,
+                           shutdown_timeout=config.shutdown_timeout,
+                           keepalive_timeout=15.0)
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=_ssl_context(config),
-                        backlog=1024)
+    tls = ReloadingTLS(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key \
+        else None
+    site = web.SockSite(runner, sock, ssl_context=tls.context if tls else None, backlog=1024)
     await site.start()
+    watcher = asyncio.create_task(tls.watch()) if tls else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -186,6 +202,9 @@ async def _serve_socket(config: Config, sock: socket.socket) -> None:
     await stop.wait()
     log.info("shutting down: draining in-flight requests for up to %.0fs",
              config.shutdown_timeout)
+    if watcher is not None:
+        watcher.cancel()
+    # Stops accepting, lets in-flight transfers finish up to shutdown_timeout, then cancels.
     await runner.cleanup()
 
 
@@ -236,6 +255,10 @@ def _supervise(config: Config, port: int) -> int:
         slot = children.pop(pid, -1)
         if slot < 0:
             continue
+        if os.environ.get(MULTIPROC_ENV):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
         if not stopping:
             log.error("worker %d exited (status %d); starting a new one", pid, status)
             time.sleep(0.5)
@@ -246,10 +269,20 @@ def _supervise(config: Config, port: int) -> int:
 
 
 def serve(config: Config) -> int:
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.access_log is False:
-        logging.getLogger("simple_oci_registry.access").disabled = True
+    configure_logging(config.log_level, config.log_format)
+    metrics_dir: str | None = None
+    if config.workers > 1 and not os.environ.get(MULTIPROC_ENV):
+        # Workers share metric values through files here (prometheus-client multiprocess mode).
+        metrics_dir = tempfile.mkdtemp(prefix="simple-oci-registry-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        return _serve(config)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(config: Config) -> int:
     sock = _bind(config, reuse_port=config.workers > 1)
     host, port = sock.getsockname()[:2]
     scheme = "https" if config.tls_cert else "http"

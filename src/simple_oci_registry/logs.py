@@ -1,0 +1,68 @@
+"""Log setup: plain text for people, one JSON object per line for log collectors.
+
+The access log goes through the same formatter, so with ``--log-format json`` every line a node
+emits (requests and events alike) parses as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+__all__ = ["AccessLogger", "JsonFormatter", "configure_logging"]
+
+ACCESS_LOGGER: Final = "simple_oci_registry.access"
+_STANDARD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """Render a record as one JSON object: time, level, logger, message, and any extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One line per request with the fields operators filter on, as ``extra`` attributes."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        remote = request.remote or "-"
+        size = response.body_length
+        self.logger.info(
+            '%s "%s %s" %d %d %.3fs', remote, request.method, request.path_qs[:300],
+            response.status, size, time,
+            extra={"remote": remote, "method": request.method, "path": request.path[:300],
+                   "status": response.status, "bytes": size, "duration_s": round(time, 6),
+                   "user_agent": request.headers.get("User-Agent", "")[:200]})
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Install one stderr handler on the root logger with the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

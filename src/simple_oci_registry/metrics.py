@@ -1,0 +1,93 @@
+"""Prometheus metrics at ``/metrics`` (prometheus-client).
+
+Request counts, durations and bytes are recorded once, in HTTP middleware, from the final
+status (so no handler path can forget or double-count). Store figures (archives indexed, index
+time, rescans, archive errors, cache entries) are copied from the store's counters by a small
+periodic sync. With several worker processes, prometheus-client's multiprocess mode keeps the
+values in files under ``PROMETHEUS_MULTIPROC_DIR`` so that a scrape answered by any worker
+reports the whole node.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from simple_oci_registry.store import ImageStore, StoreStats
+
+__all__ = ["MULTIPROC_ENV", "Metrics"]
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                   10, 30, 60, 300)
+
+
+class Metrics:
+    """One worker's metrics; ``render()`` answers a scrape for the whole process group."""
+
+    def __init__(self) -> None:
+        self._multiproc_dir = os.environ.get(MULTIPROC_ENV)
+        self.registry = CollectorRegistry()
+        # In multiprocess mode values live in files; registering here would double-report.
+        reg = None if self._multiproc_dir else self.registry
+        self.requests = Counter("registry_http_requests", "HTTP requests answered",
+                                ["endpoint", "method", "status"], registry=reg)
+        self.response_bytes = Counter("registry_http_response_bytes",
+                                      "Body bytes sent (blob, manifest and API responses)",
+                                      ["endpoint"], registry=reg)
+        self.duration = Histogram("registry_http_request_duration_seconds",
+                                  "Time from request to the end of the response", ["endpoint"],
+                                  buckets=_BUCKETS, registry=reg)
+        self.archives_indexed = Counter("registry_archives_indexed",
+                                        "Archives scanned and interpreted", registry=reg)
+        self.index_seconds = Counter("registry_archive_index_seconds",
+                                     "Time spent indexing archives", registry=reg)
+        self.archive_errors = Counter("registry_archive_errors",
+                                      "Archives or blobs found unservable", registry=reg)
+        self.rescans = Counter("registry_rescans", "Periodic full rescans run", registry=reg)
+        self.verified_bytes = Counter("registry_blob_verified_bytes",
+                                      "Blob bytes hashed to check their digest", registry=reg)
+        self.cache_entries = Gauge("registry_cache_entries", "Entries in the store's caches",
+                                   ["cache"], multiprocess_mode="livesum", registry=reg)
+        self._synced = StoreStats()
+
+    def observe(self, endpoint: str, method: str, status: int, sent: int,
+                seconds: float) -> None:
+        self.requests.labels(endpoint, method, str(status)).inc()
+        if sent:
+            self.response_bytes.labels(endpoint).inc(sent)
+        self.duration.labels(endpoint).observe(seconds)
+
+    def sync(self, store: ImageStore) -> None:
+        """Copy the store's counters (as deltas) and cache sizes into the metrics."""
+        now, last = store.stats, self._synced
+        for counter, current, previous in (
+            (self.archives_indexed, now.archives_indexed, last.archives_indexed),
+            (self.index_seconds, now.index_seconds, last.index_seconds),
+            (self.archive_errors, now.archive_errors, last.archive_errors),
+            (self.rescans, now.rescans, last.rescans),
+            (self.verified_bytes, now.verified_bytes, last.verified_bytes),
+        ):
+            if current > previous:
+                counter.inc(current - previous)
+        self._synced = StoreStats(**{f: getattr(now, f) for f in StoreStats.__slots__})
+        for cache, size in store.snapshot().items():
+            self.cache_entries.labels(cache).set(size)
+
+    def render(self) -> tuple[bytes, str]:
+        if self._multiproc_dir:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+                registry, path=self._multiproc_dir)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
