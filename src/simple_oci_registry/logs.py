@@ -18,6 +18,8 @@ from aiohttp.abc import AbstractAccessLogger
 __all__ = ["AccessLogger", "JsonFormatter", "configure_logging"]
 
 ACCESS_LOGGER: Final = "simple_oci_registry.access"
+# Probes and scrapes arrive every few seconds on every node: logged at debug level only.
+_QUIET_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 _STANDARD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -44,12 +46,14 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request with the fields operators filter on, as ``extra`` attributes."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if not self.logger.isEnabledFor(logging.INFO):
+        level = logging.DEBUG if request.path in _QUIET_PATHS and response.status < 400 \
+            else logging.INFO
+        if not self.logger.isEnabledFor(level):
             return
         remote = request.remote or "-"
         size = response.body_length
-        self.logger.info(
-            '%s "%s %s" %d %d %.3fs', remote, request.method, request.path_qs[:300],
+        self.logger.log(
+            level, '%s "%s %s" %d %d %.3fs', remote, request.method, request.path_qs[:300],
             response.status, size, time,
             extra={"remote": remote, "method": request.method, "path": request.path[:300],
                    "status": response.status, "bytes": size, "duration_s": round(time, 6),

@@ -1,0 +1,263 @@
+"""The node-local cache that makes compressed archives as fast as plain ones after first use.
+
+A member of a gzip/zstd archive has no byte window to ``sendfile`` from, so its decompressed
+bytes are kept here, content-addressed (``blobs/<alg>/<encoded>``: a blob shared by several
+archives is stored once) and verified against the digest before they are kept. Writes go to a
+temporary file that is fsync'ed and renamed into place, so a crash never leaves a partial blob
+under a final name; the cache survives restarts. Worker processes share the directory: an
+``flock`` per blob (and per archive index) makes one of them do the work while the others wait
+and then find the result. Least recently used blobs are evicted beyond ``max_bytes`` (an
+evicted file still open by a transfer stays readable until that transfer closes it).
+
+The cache also remembers archive indexes (member table and small members such as index.json
+and manifests) keyed by the archive's path and fingerprint, so a restart does not decompress
+an unchanged archive again just to find its members.
+
+Everything here blocks: callers run it in worker threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Final
+
+from simple_oci_registry.fingerprint import Fingerprint
+
+__all__ = ["BlobCache", "CacheStats", "CachedIndex"]
+
+log = logging.getLogger(__name__)
+
+_INDEX_VERSION: Final = 1
+_EVICT_EVERY_BYTES: Final = 256 << 20
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters for metrics and tests (a fill is one decompression of one blob)."""
+
+    hits: int = 0
+    fills: int = 0
+    filled_bytes: int = 0
+    evictions: int = 0
+    index_hits: int = 0
+    rejected: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedIndex:
+    """A compressed archive's member table and small members, as remembered."""
+
+    members: dict[str, tuple[int, int]]
+    small: dict[str, bytes]
+
+
+class BlobCache:
+    """A content-addressed directory of verified, decompressed blobs."""
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+        self._since_evict = 0
+        for sub in ("blobs", "tmp", "indexes", "locks"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+        # Leftovers of a crash mid-write: never final, safe to drop.
+        for leftover in (directory / "tmp").iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    @classmethod
+    def create(cls, directory: Path | None, max_bytes: int) -> BlobCache | None:
+        """The cache, or None (with a warning) when the directory cannot be used."""
+        if directory is None or max_bytes == 0:
+            return None
+        try:
+            cache = cls(directory, max_bytes)
+            probe = tempfile.NamedTemporaryFile(dir=directory / "tmp")  # noqa: SIM115
+            probe.close()
+            return cache
+        except OSError as exc:
+            log.warning("blob cache %s unusable (%s): compressed archives will be streamed "
+                        "and decompressed on every pull", directory, exc.strerror or exc)
+            return None
+
+    # ------------------------------------------------------------------ blobs
+
+    def path(self, digest: str) -> Path:
+        algorithm, _, encoded = digest.partition(":")
+        return self.directory / "blobs" / algorithm / encoded
+
+    def open(self, digest: str, size: int) -> IO[bytes] | None:
+        """The cached blob opened for reading, or None. Marks it recently used."""
+        path = self.path(digest)
+        try:
+            file = open(path, "rb", buffering=0)  # noqa: SIM115 - returned to the caller
+        except FileNotFoundError:
+            return None
+        if os.fstat(file.fileno()).st_size != size:
+            file.close()
+            return None
+        with contextlib.suppress(OSError):
+            os.utime(file.fileno())  # LRU order is the mtime order
+        with self._lock:
+            self.stats.hits += 1
+        return file
+
+    def contains(self, digest: str, size: int) -> bool:
+        try:
+            return self.path(digest).stat().st_size == size
+        except OSError:
+            return False
+
+    @contextlib.contextmanager
+    def _flock(self, key: str) -> Iterator[None]:
+        lock_path = self.directory / "locks" / (hashlib.sha256(key.encode()).hexdigest()[:32])
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def filling(self, digest: str, size: int) -> Iterator[bool]:
+        """Hold the fill lock of ``digest``; yields False when it is already cached.
+
+        Concurrent fillers (threads or worker processes) queue on the lock; the later ones
+        find the blob in place and skip the work.
+        """
+        with self._flock("blob:" + digest):
+            yield not self.contains(digest, size)
+
+    def store(self, digest: str, size: int, chunks: Iterable[bytes]) -> bool:
+        """Write ``chunks`` as ``digest``: verified, fsync'ed, renamed into place.
+
+        Returns False (nothing kept) when the bytes do not match the digest or size. The
+        caller holds :meth:`filling`. Every chunk is consumed even after a mismatch, so a
+        caller may pass a stream it must read through anyway.
+        """
+        algorithm, _, encoded = digest.partition(":")
+        hasher = hashlib.new(algorithm)
+        written = 0
+        final = self.path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory / "tmp", prefix=encoded[:16])
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in chunks:
+                    hasher.update(chunk)
+                    written += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if written != size or hasher.hexdigest() != encoded:
+                with self._lock:
+                    self.stats.rejected += 1
+                log.error("not caching %s: decompressed bytes do not match the digest", digest)
+                return False
+            os.replace(tmp, final)
+            tmp = ""
+            _fsync_dir(final.parent)
+        finally:
+            if tmp:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+        with self._lock:
+            self.stats.fills += 1
+            self.stats.filled_bytes += size
+            self._since_evict += size
+            evict = self._since_evict >= _EVICT_EVERY_BYTES
+            if evict:
+                self._since_evict = 0
+        if evict or size > self.max_bytes // 8:
+            self.evict()
+        return True
+
+    def evict(self) -> None:
+        """Remove least recently used blobs until the cache fits ``max_bytes``."""
+        entries: list[tuple[int, int, Path]] = []
+        total = 0
+        for path in (self.directory / "blobs").glob("*/*"):
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            entries.append((st.st_mtime_ns, st.st_size, path))
+            total += st.st_size
+        entries.sort()
+        for _mtime, size, path in entries:
+            if total <= self.max_bytes:
+                break
+            with contextlib.suppress(OSError):
+                path.unlink()
+                total -= size
+                with self._lock:
+                    self.stats.evictions += 1
+
+    # ------------------------------------------------------------------ archive indexes
+
+    def _index_path(self, archive: str, fingerprint: Fingerprint) -> Path:
+        key = json.dumps([archive, fingerprint.device, fingerprint.inode, fingerprint.size,
+                          fingerprint.mtime_ns])
+        return self.directory / "indexes" / (hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+    @contextlib.contextmanager
+    def indexing(self, archive: str, fingerprint: Fingerprint) -> Iterator[None]:
+        """Hold the index lock of one archive version (one worker scans, others wait)."""
+        with self._flock(f"index:{archive}:{fingerprint}"):
+            yield
+
+    def load_index(self, archive: str, fingerprint: Fingerprint) -> CachedIndex | None:
+        try:
+            raw = json.loads(self._index_path(archive, fingerprint).read_bytes())
+            if raw.get("version") != _INDEX_VERSION:
+                return None
+            members = {str(k): (int(v[0]), int(v[1])) for k, v in raw["members"].items()}
+            small = {str(k): base64.b64decode(v) for k, v in raw["small"].items()}
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return None
+        with self._lock:
+            self.stats.index_hits += 1
+        return CachedIndex(members, small)
+
+    def save_index(self, archive: str, fingerprint: Fingerprint, index: CachedIndex) -> None:
+        document: dict[str, Any] = {
+            "version": _INDEX_VERSION,
+            "archive": archive,
+            "members": {k: list(v) for k, v in index.members.items()},
+            "small": {k: base64.b64encode(v).decode() for k, v in index.small.items()},
+        }
+        target = self._index_path(archive, fingerprint)
+        fd, tmp = tempfile.mkstemp(dir=self.directory / "tmp", prefix="index")
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(document, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, target)
+        except OSError as exc:
+            log.warning("cannot remember the index of %s: %s", archive, exc)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX: the directory entry lives in the directory)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
