@@ -127,14 +127,21 @@ class ImageStore:
         """Locate a blob reachable from one of the name's archives."""
         key = str(digest)
         candidates = await self._candidates(name)
+        detail: dict[str, str] = {"digest": key}
         for layout in await self._layouts_of(candidates):
             record = layout.manifests.get(key)
             if record is not None:
                 # A manifest fetched as a blob keeps its own media type (containerd#7391).
                 return BlobLocation(key, len(record.body), record.media_type, body=record.body)
             if layout.has_blob(key):
-                return BlobLocation(key, layout.blob_size(key), mediatypes.OCTET_STREAM, layout)
-        raise RegistryError(ErrorCode.BLOB_UNKNOWN, {"digest": key})
+                location = BlobLocation(key, layout.blob_size(key), mediatypes.OCTET_STREAM,
+                                        layout)
+                if await self._intact(location):
+                    return location
+                # A digest names content, not a file (image-spec descriptor.md): a damaged copy
+                # must not hide an intact one in another of the name's archives.
+                detail["reason"] = "stored content does not match the digest"
+        raise RegistryError(ErrorCode.BLOB_UNKNOWN, detail)
 
     async def open_blob(self, name: str, location: BlobLocation) -> tuple[BlobLocation,
                                                                          MemberReader]:
@@ -309,9 +316,16 @@ class ImageStore:
 
         Compressed members are hashed while they stream instead (see the blob response).
         """
+        if not await self._intact(location):
+            raise RegistryError(ErrorCode.BLOB_UNKNOWN, {
+                "digest": location.digest, "reason": "stored content does not match the digest"})
+
+    async def _intact(self, location: BlobLocation) -> bool:
+        """False when the member's bytes do not hash to its digest (checked once per
+        fingerprint; memory and compressed members count as intact here)."""
         layout = location.layout
         if layout is None or location.streamed:
-            return
+            return True
         key = (layout.archive.path, layout.archive.fingerprint, location.digest)
         ok = self._verified.get(key)
         if ok is None:
@@ -322,9 +336,7 @@ class ImageStore:
                 self.stats.archive_errors += 1
                 log.error("%s: blob %s does not match its digest; refusing to serve it",
                           self._relative(layout.archive.path), location.digest)
-        if not ok:
-            raise RegistryError(ErrorCode.BLOB_UNKNOWN, {
-                "digest": location.digest, "reason": "stored content does not match the digest"})
+        return ok
 
     def _hash_member(self, location: BlobLocation) -> bool:
         assert location.layout is not None
