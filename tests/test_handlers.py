@@ -665,3 +665,112 @@ async def test_head_and_get_agree(client: Client, shared_images: StandardImages,
 @pytest.mark.parametrize("path", GLOBAL)
 async def test_head_and_get_agree_elsewhere(client: Client, path: str) -> None:
     await _assert_agree(client, path, None)
+
+
+# ------------------------------------------------------------------------------ other shapes
+
+
+@pytest.fixture
+async def shapes_client(aiohttp_client: MakeClient,
+                        image_dir: Path) -> tuple[Client, dict[str, tuple[str, str, list[str]]]]:
+    """Archives in the other shapes tools write: name -> (tag, manifest digest, layer digests)."""
+    shapes: dict[str, tuple[str, str, list[str]]] = {}
+
+    def image(writer: LayoutWriter, text: str, **kwargs: Any) -> tuple[Any, list[str]]:
+        descriptor, layers = small_image(writer, text, layers=2, **kwargs)
+        return descriptor, [d.digest for d in layers]
+
+    w = LayoutWriter()
+    desc, layers = image(w, "zstd", compression="zstd")
+    w.tag(desc, "1")
+    w.write_archive(image_dir / "zstd.oci", compression="zstd")
+    shapes["zstd"] = ("1", desc.digest, layers)
+
+    w = LayoutWriter()
+    amd = w.add_image([w.add_layer({"a": b"amd"})], docker=True)
+    arm = w.add_image([w.add_layer({"a": b"arm"})], docker=True, architecture="arm64")
+    listing = w.add_index([amd, arm], docker=True)
+    w.tag(listing, "docker.io/library/dock:2")
+    w.write_archive(image_dir / "dock.oci")
+    shapes["dock"] = ("2", listing.digest, [])
+    shapes["dock-child"] = ("", amd.digest, [])
+
+    w = LayoutWriter()
+    desc, layers = image(w, "dotted")
+    w.tag(desc, "3")
+    w.write_archive(image_dir / "dotted.oci", member_prefix="./", include_directories=False,
+                    blobs_first=False)
+    shapes["dotted"] = ("3", desc.digest, layers)
+
+    w = LayoutWriter()
+    desc, layers = image(w, "dir")
+    w.tag(desc, "4")
+    w.write_directory(image_dir / "dir.oci")
+    shapes["dir"] = ("4", desc.digest, layers)
+
+    w = LayoutWriter()  # untagged single image named <name>/<tag>.oci: the file names the tag
+    desc, layers = image(w, "untagged")
+    w.tag(desc, None)
+    w.write_archive(image_dir / "untagged" / "5.oci")
+    shapes["untagged"] = ("5", desc.digest, layers)
+    return await client_for(aiohttp_client, image_dir), shapes
+
+
+@pytest.mark.parametrize("name", ["zstd", "dotted", "dir", "untagged"])
+async def test_other_archive_shapes(shapes_client: tuple[Client, dict[str, tuple[str, str,
+                                                                                  list[str]]]],
+                                    name: str) -> None:
+    client, shapes = shapes_client
+    tag, digest, layers = shapes[name]
+    response = await client.get(f"/v2/{name}/manifests/{tag}")
+    assert response.status == 200
+    assert response.headers["Docker-Content-Digest"] == digest
+    assert sha256(await response.read()) == digest
+    for layer in layers:
+        whole = await (await client.get(f"/v2/{name}/blobs/{layer}")).read()
+        assert sha256(whole) == layer
+        for header, part in (("bytes=3-12", whole[3:13]), ("bytes=-4", whole[-4:]),
+                             ("bytes=7-", whole[7:])):
+            response = await client.get(f"/v2/{name}/blobs/{layer}", headers={"Range": header})
+            assert response.status == 206 and await response.read() == part, header
+            head = await client.head(f"/v2/{name}/blobs/{layer}", headers={"Range": header})
+            assert head.headers["Content-Length"] == str(len(part))
+    tags = json.loads(await (await client.get(f"/v2/{name}/tags/list")).read())["tags"]
+    assert tags == [tag]
+
+
+async def test_docker_manifest_list(shapes_client: tuple[Client, dict[str, tuple[str, str,
+                                                                                 list[str]]]]
+                                    ) -> None:
+    client, shapes = shapes_client
+    _, digest, _ = shapes["dock"]
+    for method in ("GET", "HEAD"):
+        response = await client.request(method, "/v2/dock/manifests/2")
+        assert response.status == 200
+        assert response.headers["Content-Type"] == (
+            "application/vnd.docker.distribution.manifest.list.v2+json")
+        assert response.headers["Docker-Content-Digest"] == digest
+    _, child, _ = shapes["dock-child"]
+    response = await client.get(f"/v2/dock/manifests/{child}")
+    assert response.headers["Content-Type"] == (
+        "application/vnd.docker.distribution.manifest.v2+json")
+    response = await client.head(f"/v2/dock/blobs/{child}")
+    assert response.headers["Content-Type"] == (
+        "application/vnd.docker.distribution.manifest.v2+json")
+
+
+async def test_concurrent_requests_share_one_indexing(
+        shapes_client: tuple[Client, dict[str, tuple[str, str, list[str]]]]) -> None:
+    client, shapes = shapes_client
+    _, digest, layers = shapes["zstd"]
+
+    async def fetch(path: str) -> bytes:
+        response = await client.get(path)
+        assert response.status == 200, path
+        return await response.read()
+
+    paths = [f"/v2/zstd/blobs/{layers[i % 2]}" for i in range(20)]
+    paths += [f"/v2/zstd/manifests/{digest}"] * 10
+    bodies = await asyncio.gather(*(fetch(path) for path in paths))
+    for path, body in zip(paths, bodies, strict=True):
+        assert sha256(body) == path.rsplit("/", 1)[1]
