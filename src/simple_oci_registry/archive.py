@@ -19,6 +19,7 @@ import os
 import re
 import stat
 import tarfile
+import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -201,6 +202,14 @@ def _collect(
     return members
 
 
+def _check_extent(info: tarfile.TarInfo, end: int, what: str) -> None:
+    """Refuse a member whose data cannot lie between its header and ``end``."""
+    if info.size < 0:
+        raise ArchiveError(f"{info.name} has a negative size")
+    if info.offset_data + info.size > end:
+        raise ArchiveError(f"{info.name} extends past {what}")
+
+
 def _type_name(info: tarfile.TarInfo) -> str:
     if info.issym():
         return "symbolic link"
@@ -276,6 +285,10 @@ class TarArchive(Archive):
             try:
                 with tarfile.open(fileobj=f, mode="r:") as tf:
                     for info in tf:
+                        # A header may announce more bytes than the file holds (truncated
+                        # copy, lying size), or a negative size (GNU base-256), which makes
+                        # tarfile seek backwards, possibly onto an earlier header forever.
+                        _check_extent(info, fingerprint.size, "the end of the file (truncated?)")
                         name = _normalise(info.name)
                         if name is not None:
                             entries.append((info, name))
@@ -283,12 +296,7 @@ class TarArchive(Archive):
                             raise ArchiveError(f"more than {limits.max_members} members")
             except (tarfile.TarError, EOFError) as exc:
                 raise ArchiveError(f"unreadable tar: {exc}") from exc
-        members = _collect(entries, limits)
-        for member in members.values():
-            # A header may announce more bytes than the file holds (truncated copy, lying size).
-            if member.offset + member.size > fingerprint.size:
-                raise ArchiveError(f"{member.name} extends past the end of the file (truncated?)")
-        return cls(path, fingerprint, members)
+        return cls(path, fingerprint, _collect(entries, limits))
 
     def read_member(self, name: str, limit: int) -> bytes:
         member = self._member(name, limit)
@@ -390,6 +398,10 @@ class CompressedTarArchive(Archive):
                     bounded = io.BufferedReader(_BoundedReader(stream, budget), _CHUNK)
                     with tarfile.open(fileobj=bounded, mode="r|") as tf:
                         for info in tf:
+                            # Checked before tarfile skips the data: an enormous size would
+                            # have it read an empty stream block by block for ages.
+                            _check_extent(info, budget,
+                                          "the expansion limit (compression bomb?)")
                             name = _normalise(info.name)
                             if name is None:
                                 continue
@@ -403,7 +415,8 @@ class CompressedTarArchive(Archive):
                                 extracted = tf.extractfile(info)
                                 if extracted is not None:
                                     small[name] = extracted.read()
-            except (tarfile.TarError, EOFError, OSError, zstandard.ZstdError) as exc:
+            except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError) as exc:
+                # gzip raises zlib.error (not OSError) for a corrupt deflate stream.
                 raise ArchiveError(f"unreadable {kind.value} archive: {exc}") from exc
         members = _collect(entries, limits)
         for name, data in small.items():
@@ -459,7 +472,8 @@ class DirectoryArchive(Archive):
                 if os.path.lexists(os.path.join(path, top)):
                     add(top)
             blobs = os.path.join(path, "blobs")
-            if os.path.isdir(blobs):
+            # A symlinked blobs/ could lead anywhere: treat it like a symlinked alg_dir below.
+            if os.path.isdir(blobs) and not os.path.islink(blobs):
                 for algorithm in sorted(os.listdir(blobs)):
                     alg_dir = os.path.join(blobs, algorithm)
                     if not os.path.isdir(alg_dir) or os.path.islink(alg_dir):
