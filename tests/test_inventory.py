@@ -184,7 +184,8 @@ def test_summary_cache_reads_unchanged_archives_once(
 
 
 @pytest.mark.parametrize(("size", "text"), [
-    (0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (150 << 20, "150 MiB"),
+    (0, "0 B"), (999, "999 B"), (1023, "1.0 KiB"), (1536, "1.5 KiB"),
+    (1036894, "1.0 MiB"), (150 << 20, "150 MiB"),
     (5 << 30, "5.0 GiB"), (3 << 50, "3072 TiB")])
 def test_human_size(size: int, text: str) -> None:
     assert human_size(size) == text

@@ -4,6 +4,9 @@
 port, forks N workers that each listen on it with SO_REUSEPORT (the kernel spreads connections
 across them; they share nothing but the image directory), restarts a worker that dies, and
 forwards SIGTERM/SIGINT so each worker drains its in-flight transfers before exiting.
+
+``ls`` prints what the directory serves (name, tag, digest, platforms, size, file) and ``check``
+validates every archive in it, exiting 1 when it finds problems, so both fit scripts and CI.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -28,6 +32,13 @@ from aiohttp import web
 
 from simple_oci_registry import __version__
 from simple_oci_registry.config import DEFAULTS, Config
+from simple_oci_registry.inventory import (
+    CheckProgress,
+    ImageEntry,
+    check_directory,
+    human_size,
+    list_images,
+)
 from simple_oci_registry.logs import ACCESS_LOGGER, AccessLogger, configure_logging
 from simple_oci_registry.tls import ReloadingTLS
 
@@ -37,7 +48,7 @@ log = logging.getLogger("simple_oci_registry")
 
 ENV_PREFIX: Final = "SOR_"
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
-SUBCOMMANDS: Final = ("serve",)
+SUBCOMMANDS: Final = ("serve", "ls", "check")
 T = TypeVar("T")
 
 
@@ -149,7 +160,30 @@ def build_parser() -> argparse.ArgumentParser:
          type=_non_negative(int), help="concurrent connections per worker before new ones wait")
     _add_bool(serve, "--allow-outside-symlinks", default=False,
               help="serve archives whose symlinks resolve outside the image directory")
+    _add_inventory_commands(commands)
     return parser
+
+
+def _add_inventory_commands(commands: Any) -> None:
+    """``ls`` and ``check``: the directory as the server sees it, without starting one."""
+    ls = commands.add_parser("ls", help="list every name:tag the directory serves")
+    check = commands.add_parser(
+        "check", help="validate every archive (structure, blob digests, duplicate tags); "
+                      "exit 1 on problems")
+    for parser in (ls, check):
+        _add(parser, "--dir", default=DEFAULTS.directory, type=directory_arg,
+             help="the image directory")
+        _add_bool(parser, "--json", default=False, help="print JSON instead of text")
+        _add_bool(parser, "--allow-outside-symlinks", default=False,
+                  help="follow symlinks that resolve outside the image directory, as serve "
+                       "does with the same flag")
+    _add_bool(ls, "--full-digests", default=False, help="show digests untruncated")
+    env = _env_name("--progress")
+    env_value = os.environ.get(env)
+    check.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                       default=_bool(env_value) if env_value is not None else None,
+                       help="print one line per archive to stderr [env SOR_PROGRESS; "
+                            "default: when stderr is a terminal]")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -297,6 +331,68 @@ def _serve(config: Config) -> int:
     return _supervise(config, port)
 
 
+def _table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
+    """Rows as aligned columns (``right``: column numbers aligned right, such as sizes)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+                 for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _ls_row(entry: ImageEntry, full_digests: bool) -> list[str]:
+    digest = entry.digest
+    if not full_digests:
+        algorithm, _, encoded = digest.partition(":")
+        digest = f"{algorithm}:{encoded[:12]}"
+    return [entry.name, entry.tag if entry.tag is not None else "<none>", digest,
+            ",".join(entry.platforms) or "-", human_size(entry.size), entry.file]
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    listing = list_images(os.path.realpath(args.dir), allow_outside=args.allow_outside_symlinks)
+    for problem in listing.problems:
+        print(f"warning: {problem.file}: {problem.reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([entry.to_json() for entry in listing.entries], indent=2))
+        return 0
+    if not listing.entries:
+        print(f"no images in {args.dir}", file=sys.stderr)
+        return 0
+    header = ["NAME", "TAG", "DIGEST", "PLATFORMS", "SIZE", "FILE"]
+    rows = [header, *(_ls_row(entry, args.full_digests) for entry in listing.entries)]
+    for line in _table(rows, right=frozenset({4})):
+        print(line)
+    return 0
+
+
+def _print_progress(step: CheckProgress) -> None:
+    outcome = "ok" if not step.problems else (
+        f"{step.problems} problem{'s' if step.problems != 1 else ''}")
+    print(f"[{step.index}/{step.total}] {step.file} {outcome}", file=sys.stderr, flush=True)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    started = time.monotonic()
+    report = check_directory(os.path.realpath(args.dir),
+                             allow_outside=args.allow_outside_symlinks,
+                             progress=_print_progress if show_progress else None)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for problem in report.problems:
+            print(f"{problem.file}: {problem.kind}: {problem.reason}")
+        count = len(report.problems)
+        verdict = "no problems" if report.ok else f"{count} problem{'s' if count != 1 else ''}"
+        print(f"checked {report.archives_checked} archives, hashed {report.blobs_hashed} blobs "
+              f"({human_size(report.bytes_hashed)}) in {time.monotonic() - started:.1f}s: "
+              f"{verdict}")
+    return 0 if report.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or (args_list[0] not in SUBCOMMANDS
@@ -305,5 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     if args.command == "serve":
         return serve(config_from_args(args))
+    if args.command == "ls":
+        return run_ls(args)
+    if args.command == "check":
+        return run_check(args)
     build_parser().print_help()
     return 2

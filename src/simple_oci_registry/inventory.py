@@ -198,10 +198,10 @@ class CheckReport:
 
 
 def human_size(size: int) -> str:
-    """``size`` in binary units, as people read them (``1.5 KiB``, ``230 MiB``)."""
+    """``size`` in binary units, at most three digits before the point (``1.5 KiB``)."""
     value = float(size)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
+        if value < 1000 or unit == "TiB":
             if unit == "B":
                 return f"{size} B"
             return f"{value:.1f} {unit}" if value < 100 else f"{value:.0f} {unit}"
