@@ -41,7 +41,7 @@ def test_valid_names(name: str) -> None:
     "a" * (MAX_NAME_LENGTH + 1), "/".join(["ab"] * 86), "*", "a*", "a?", "a[b]", "[", "]",
     "a\x00b", "\x00", "ä", "app\u0131", "ａｐｐ", "a b", " a", "a\n", "a\t", "a:b", "a@b",
     "a_-b", "a___b", "a-.b", "-a", "_a", "a-", "a_", "a~b", "a+b",
-])
+], ids=lambda v: repr(v) if len(v) < 80 else f"{v[:20]}...({len(v)})")
 def test_invalid_names(name: str) -> None:
     assert not valid_name(name)
     with pytest.raises(RegistryError) as info:
@@ -96,7 +96,7 @@ def test_parse_digest_sha256_and_sha512() -> None:
     "SHA256:" + "a" * 64, "sha256:" + "a" * 63 + "\n", "sha256: " + "a" * 64,
     "sha256:" + "a" * 64 + ":", "sha256::" + "a" * 64, "sha256:../../etc/passwd",
     "sha256:" + "a" * 10_000, "", ":", "latest",
-])
+], ids=lambda v: v if len(v) < 80 else f"{v[:20]}...({len(v)})")
 def test_parse_digest_rejects(value: str) -> None:
     with pytest.raises(RegistryError) as info:
         parse_digest(value)
