@@ -192,8 +192,11 @@ async def _metrics_sync_loop(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _rescan_loop(app: web.Application) -> AsyncIterator[None]:
-    """Re-list every known name every ``rescan_interval`` seconds, for the app's lifetime."""
+    """Re-list every known name every ``rescan_interval`` seconds (0 disables it)."""
     config, store = app[CONFIG], app[STORE]
+    if config.rescan_interval <= 0:
+        yield
+        return
 
     async def loop() -> None:
         while True:

@@ -31,7 +31,8 @@ class ErrorCode(enum.Enum):
     UNAUTHORIZED = ("UNAUTHORIZED", "authentication required", 401)
     DENIED = ("DENIED", "requested access to the resource is denied", 403)
     UNSUPPORTED = ("UNSUPPORTED", "the operation is unsupported: this registry is read-only", 405)
-    NOT_FOUND = ("NOT_FOUND", "no such endpoint", 404)
+    # The spec has no code for a path that is no endpoint at all; UNSUPPORTED is the nearest.
+    NOT_FOUND = ("UNSUPPORTED", "no such endpoint", 404)
     METHOD_NOT_ALLOWED = ("UNSUPPORTED", "method not allowed on this endpoint", 405)
     TOOMANYREQUESTS = ("TOOMANYREQUESTS", "too many requests", 429)
     UNAVAILABLE = ("UNAVAILABLE", "the image store is not available", 503)

@@ -210,6 +210,7 @@ class ImageStore:
     async def rescan(self) -> None:
         """Re-list every known name and drop archives that are gone (the periodic rescan)."""
         self.stats.rescans += 1
+        started = time.perf_counter()
         for name in list(self._views):
             self._views.pop(name, None)
             try:
@@ -224,6 +225,9 @@ class ImageStore:
             del self._broken[path]
         self._verified = {k: v for k, v in self._verified.items() if k[0] in live}
         self._catalog = None
+        log.debug("rescan: %d names, %d archives indexed, %d unservable, %.3fs",
+                  len(self._views), len(self._layouts), len(self._broken),
+                  time.perf_counter() - started)
 
     def snapshot(self) -> dict[str, int]:
         """Cache sizes, for metrics."""
