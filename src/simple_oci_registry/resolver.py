@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from simple_oci_registry.fingerprint import Fingerprint
-from simple_oci_registry.reference import valid_name, valid_tag
+from simple_oci_registry.reference import valid_name
 
 __all__ = ["Candidate", "Pattern", "list_candidates", "ordered", "walk_names"]
 
@@ -124,7 +124,9 @@ def walk_names(root: str, *, allow_outside: bool = False) -> list[str]:
     """Every repository name some archive in ``root`` can be pulled as (for ``/v2/_catalog``).
 
     A file ``a/b/c.oci`` serves two names: ``a/b`` (pattern 2) and ``a/b/c`` (pattern 5);
-    ``a/x:1.oci`` serves ``a/x`` (pattern 4). Hidden entries and invalid names are skipped.
+    ``a/x:1.oci`` serves ``a`` (pattern 2) and ``a/x`` (pattern 4). Hidden entries, invalid
+    names and (unless allowed) archives resolving outside ``root`` are skipped, exactly as
+    :func:`list_candidates` skips them.
     """
     names: set[str] = set()
     for directory, dirnames, filenames in os.walk(root, followlinks=allow_outside):
@@ -137,14 +139,14 @@ def walk_names(root: str, *, allow_outside: bool = False) -> list[str]:
                      if d.endswith(SUFFIX) and not d.startswith(".")
                      and os.path.isdir(os.path.join(directory, d))]
         for file_name in archives:
-            stem = file_name[: -len(SUFFIX)]
-            if ":" in stem:
-                base, _, tag = stem.partition(":")
-                candidate = f"{rel_dir}/{base}" if rel_dir else base
-                if valid_tag(tag) or tag == "":
-                    names.add(candidate)
+            # The same refusal as list_candidates, so the catalog lists only servable names.
+            if not allow_outside and not _inside(root, os.path.join(directory, file_name)):
                 continue
+            # Any archive serves its directory's name (pattern 2), whatever its stem.
             if rel_dir:
                 names.add(rel_dir)
-            names.add(f"{rel_dir}/{stem}" if rel_dir else stem)
+            # "<base>:<ref>.oci" (pattern 4) or "<base>.oci" (pattern 5) serves <base>; the
+            # ref part only names an implicit tag, so an invalid one hides nothing.
+            base = file_name[: -len(SUFFIX)].partition(":")[0]
+            names.add(f"{rel_dir}/{base}" if rel_dir else base)
     return sorted(n for n in names if valid_name(n))
