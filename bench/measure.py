@@ -16,19 +16,23 @@ from pathlib import Path
 from typing import Final
 
 from bench.httpclient import fetch, fetch_concurrently
-from bench.load import LoadResult, ab_available, run_ab_head, run_wrk, wrk_available
+from bench.load import ab_available, run_ab_head, run_wrk, wrk_available
 from bench.procstat import RssSampler, process_tree, sample_tree
 from bench.servers import HOST, RunningServer
 
 __all__ = [
     "MANIFEST_ACCEPT",
+    "RATE_CASES",
     "Measured",
+    "RateCase",
     "Target",
     "blob_concurrent",
     "blob_single",
     "cold_first_manifest",
     "gzip_pulls",
-    "request_rates",
+    "missing_tool",
+    "request_rate",
+    "warm_up",
     "served_manifest_digest",
 ]
 
@@ -66,112 +70,121 @@ def _append(into: Measured, key: str, value: float) -> None:
     into.setdefault(key, []).append(value)
 
 
-def blob_single(target: Target, reps: int) -> Measured:
-    """One stream at a time: GB/s of ``reps`` whole-blob GETs, after one unmeasured warm-up."""
+def warm_up(target: Target) -> None:
+    """One unmeasured blob GET (page cache, lazy server state) and checked small requests."""
     port = target.server.port
-    buffer = bytearray(1024 * 1024)
-    fetch(HOST, port, target.blob_path, buffer=buffer)  # warms the page cache
-    out: Measured = {}
-    for _ in range(reps):
-        got = fetch(HOST, port, target.blob_path, buffer=buffer)
-        if got.body_bytes != target.blob_bytes:
-            raise RuntimeError(f"{target.name}: {got.body_bytes} bytes, not {target.blob_bytes}")
-        _append(out, "blob_single_gbps", got.gbps)
-    return out
+    got = fetch(HOST, port, target.blob_path)
+    if got.body_bytes != target.blob_bytes:
+        raise RuntimeError(
+            f"{target.name}: blob has {got.body_bytes} bytes, not {target.blob_bytes}"
+        )
+    fetch(HOST, port, target.manifest_path, headers=_ACCEPT)
+    fetch(HOST, port, target.tags_path)
 
 
-def blob_concurrent(target: Target, reps: int, streams: int) -> Measured:
-    """``streams`` simultaneous GETs of the blob, with server CPU and RSS around each batch."""
-    port = target.server.port
-    out: Measured = {}
-    for _ in range(reps):
-        pids = process_tree(target.server.pid)
-        before = sample_tree(target.server.pid, pids)
-        with RssSampler(pids) as sampler:
-            batch = fetch_concurrently(
-                HOST, port, target.blob_path, streams, expect_bytes=target.blob_bytes
-            )
-        after = sample_tree(target.server.pid, pids)
-        _append(out, "blob_concurrent_gbps", batch.gbps)
-        gigabytes = batch.total_bytes / 1e9
-        _append(out, "cpu_s_per_gb", (after.cpu_seconds - before.cpu_seconds) / gigabytes)
-        _append(out, "rss_before_mb", before.rss_bytes / _MB)
-        _append(out, "rss_after_mb", after.rss_bytes / _MB)
-        _append(out, "rss_peak_mb", sampler.peak_bytes / _MB)
-        _append(out, "rss_growth_mb", (sampler.peak_bytes - before.rss_bytes) / _MB)
-    out["server_processes"] = [float(len(process_tree(target.server.pid)))]
-    return out
+def blob_single(target: Target) -> Measured:
+    """One whole-blob GET on its own: GB/s."""
+    got = fetch(HOST, target.server.port, target.blob_path)
+    if got.body_bytes != target.blob_bytes:
+        raise RuntimeError(f"{target.name}: {got.body_bytes} bytes, not {target.blob_bytes}")
+    return {"blob_single_gbps": [got.gbps]}
 
 
-def request_rates(
+def blob_concurrent(target: Target, streams: int) -> Measured:
+    """``streams`` simultaneous blob GETs, with server CPU and RSS (process tree) around them."""
+    pids = process_tree(target.server.pid)
+    before = sample_tree(target.server.pid, pids)
+    with RssSampler(pids) as sampler:
+        batch = fetch_concurrently(
+            HOST, target.server.port, target.blob_path, streams, expect_bytes=target.blob_bytes
+        )
+    after = sample_tree(target.server.pid, pids)
+    return {
+        "blob_concurrent_gbps": [batch.gbps],
+        "cpu_s_per_gb": [(after.cpu_seconds - before.cpu_seconds) / (batch.total_bytes / 1e9)],
+        "rss_before_mb": [before.rss_bytes / _MB],
+        "rss_after_mb": [after.rss_bytes / _MB],
+        "rss_peak_mb": [sampler.peak_bytes / _MB],
+        "rss_growth_mb": [(sampler.peak_bytes - before.rss_bytes) / _MB],
+        "server_processes": [float(len(pids))],
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class RateCase:
+    """One request-rate measurement: which endpoint, which method, which tool."""
+
+    key: str
+    method: str
+    headers: tuple[tuple[str, str], ...]
+
+    @property
+    def tool(self) -> str:
+        # Debian's wrk 4.1 cannot time HEAD (see bench.load); ab can.
+        return "ab" if self.method == "HEAD" else "wrk"
+
+    def path(self, target: Target) -> str:
+        return target.tags_path if self.key == "tags_list_rps" else target.manifest_path
+
+
+RATE_CASES: Final[tuple[RateCase, ...]] = (
+    RateCase("manifest_get_rps", "GET", _ACCEPT),
+    RateCase("manifest_head_rps", "HEAD", _ACCEPT),
+    RateCase("tags_list_rps", "GET", ()),
+)
+
+
+def missing_tool(case: RateCase) -> str | None:
+    """Why ``case`` cannot be measured here, or None."""
+    if case.tool == "wrk" and wrk_available() is None:
+        return f"{case.key}: skipped, wrk is not installed (apt-get install -y wrk)"
+    if case.tool == "ab" and ab_available() is None:
+        return (
+            f"{case.key}: skipped, ab is not installed (apt-get install -y apache2-utils); "
+            "Debian's wrk 4.1 cannot time HEAD requests"
+        )
+    return None
+
+
+def request_rate(
     target: Target,
+    case: RateCase,
     *,
     scratch: Path,
-    reps: int,
     seconds: int,
     threads: int,
     connections: int,
     notes: Notes,
 ) -> Measured:
-    """Request rates for manifest GET by tag and tag list (wrk), manifest HEAD by tag (ab).
+    """One load-generator run; a run with more than 1% errors gives no figure, only a note.
 
-    A tool that is not installed skips its rows with a note. Each endpoint is first checked
-    with one request: a load generator would happily count 404s per second.
+    The endpoint is checked with one request first: a load generator would happily count
+    404s per second.
     """
-    port = target.server.port
-    url = target.server.url
-    out: Measured = {}
-
-    def record(key: str, result: LoadResult) -> None:
-        if result.non_2xx or result.errors:
-            notes.append(
-                f"{target.name} {key}: {result.tool} saw {result.non_2xx} non-2xx responses and "
-                f"{result.errors} errors in {result.requests} requests"
-            )
-        if result.non_2xx + result.errors <= result.requests // 100:  # else: not a figure
-            _append(out, key, result.requests_per_second)
-
-    wrk_cases = (
-        ("manifest_get_rps", target.manifest_path, _ACCEPT),
-        ("tags_list_rps", target.tags_path, ()),
-    )
-    for key, path, headers in wrk_cases:
-        if wrk_available() is None:
-            notes.append(f"{key}: skipped, wrk is not installed (apt-get install -y wrk)")
-            break
-        fetch(HOST, port, path, headers=headers)
-        for _ in range(reps):
-            record(
-                key,
-                run_wrk(
-                    url + path,
-                    scratch=scratch,
-                    seconds=seconds,
-                    threads=threads,
-                    connections=connections,
-                    headers=headers,
-                ),
-            )
-    if ab_available() is None:
+    path = case.path(target)
+    check = fetch(HOST, target.server.port, path, method=case.method, headers=case.headers)
+    if case.method == "HEAD" and "content-length" not in check.headers:
+        notes.append(f"{target.name}: HEAD {path} has no Content-Length")
+    url = target.server.url + path
+    if case.tool == "ab":
+        result = run_ab_head(url, seconds=seconds, connections=connections, headers=case.headers)
+    else:
+        result = run_wrk(
+            url,
+            scratch=scratch,
+            seconds=seconds,
+            threads=threads,
+            connections=connections,
+            headers=case.headers,
+        )
+    if result.non_2xx or result.errors:
         notes.append(
-            "manifest_head_rps: skipped, ab is not installed (apt-get install -y "
-            "apache2-utils); Debian's wrk 4.1 cannot time HEAD requests"
+            f"{target.name} {case.key}: {result.tool} saw {result.non_2xx} non-2xx responses "
+            f"and {result.errors} errors in {result.requests} requests"
         )
-        return out
-    head = fetch(HOST, port, target.manifest_path, method="HEAD", headers=_ACCEPT)
-    if "content-length" not in head.headers:
-        notes.append(f"{target.name}: HEAD {target.manifest_path} has no Content-Length")
-    for _ in range(reps):
-        record(
-            "manifest_head_rps",
-            run_ab_head(
-                url + target.manifest_path,
-                seconds=seconds,
-                connections=connections,
-                headers=_ACCEPT,
-            ),
-        )
-    return out
+    if result.non_2xx + result.errors > result.requests // 100:
+        return {}
+    return {case.key: [result.requests_per_second]}
 
 
 def cold_first_manifest(

@@ -25,6 +25,8 @@ class Plan:
     wrk_reps: int
     cold_reps: int
     gzip_reps: int
+    warmup_seconds: int
+    """Unrecorded load-generator run per endpoint and server before the measured ones."""
     concurrency: int = 32
     wrk_threads: int = 2
     wrk_connections: int = 64
@@ -44,6 +46,7 @@ PLANS: Final[dict[str, Plan]] = {
         wrk_reps=3,
         cold_reps=3,
         gzip_reps=2,
+        warmup_seconds=1,
     ),
     "quick": Plan(
         mode="quick",
@@ -55,6 +58,7 @@ PLANS: Final[dict[str, Plan]] = {
         wrk_reps=2,
         cold_reps=2,
         gzip_reps=1,
+        warmup_seconds=1,
     ),
     "tiny": Plan(
         mode="tiny",
@@ -66,5 +70,6 @@ PLANS: Final[dict[str, Plan]] = {
         wrk_reps=1,
         cold_reps=1,
         gzip_reps=1,
+        warmup_seconds=0,
     ),
 }

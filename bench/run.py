@@ -1,8 +1,11 @@
-"""Run the benchmark: build fixtures, measure each server in turn, print and save the report.
+"""Run the benchmark: build fixtures, measure the servers, print and save the report.
 
-``python -m bench [--quick | --tiny]``. Servers run one at a time (the machine has few cores and
-the client shares them), each started fresh and stopped in a ``finally``, also on Ctrl-C or
-SIGTERM. A server whose binary is missing is skipped with the reason in the report.
+``python -m bench [--quick | --tiny]``. The three servers are started side by side but measured
+one at a time, repetitions interleaved (nginx, distribution, ours, nginx, ...), so that noise
+from a shared machine falls on all of them alike and the ratios stay meaningful. Then ours alone
+for cold directories and gzip pulls, on a fresh server per repetition. Every server is stopped
+by an ``ExitStack`` / ``with`` block, also on Ctrl-C or SIGTERM. A server whose binary is
+missing is skipped with the reason in the report; a failing step is reported, not fatal.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ if __package__ in (None, ""):  # run as ``python bench/run.py``
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
 
 from bench import measure, report  # noqa: E402
-from bench.fixtures import build_cold_dir, build_image  # noqa: E402
+from bench.fixtures import Image, build_cold_dir, build_image  # noqa: E402
 from bench.plan import PLANS, Plan  # noqa: E402
 from bench.servers import (  # noqa: E402
     RunningServer,
@@ -132,9 +135,8 @@ class _Run:
             self.results[server].setdefault(key, []).extend(values)
 
     @contextlib.contextmanager
-    def phase(self, server: str, what: str) -> Iterator[None]:
-        """Log a phase; a failure is recorded for the report and the run goes on."""
-        _log(f"{server}: {what}")
+    def attempt(self, server: str, what: str) -> Iterator[None]:
+        """Run one step for ``server``; a failure is recorded for the report, the run goes on."""
         try:
             yield
         except Exception as exc:  # any failure is reported and the run goes on
@@ -142,88 +144,118 @@ class _Run:
             _log(f"{server}: FAILED {message}")
             self.failed.setdefault(server, []).append(message)
 
+    def alive(self, targets: list[measure.Target]) -> list[measure.Target]:
+        """Targets that have not failed yet: one failure drops a server from later steps."""
+        return [t for t in targets if t.name not in self.failed]
+
     def scratch(self, name: str) -> Path:
         path = self.work / "scratch" / name
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def measure_server(self, server: RunningServer, target: measure.Target) -> None:
-        """Blob throughput, CPU/RSS under 32 streams, then request rates."""
-        plan = self.plan
-        name = server.name
-        self.add(name, measure.blob_single(target, plan.single_reps))
-        self.add(name, measure.blob_concurrent(target, plan.concurrent_reps, plan.concurrency))
-        self.add(
-            name,
-            measure.request_rates(
-                target,
-                scratch=self.scratch(name),
-                reps=plan.wrk_reps,
-                seconds=plan.wrk_seconds,
-                threads=plan.wrk_threads,
-                connections=plan.wrk_connections,
-                notes=self.notes,
-            ),
-        )
+
+def _target(server: RunningServer, image: Image) -> measure.Target:
+    name, _, tag = image.ref.partition(":")
+    return measure.Target(
+        server,
+        f"/v2/{name}/manifests/{tag}",
+        f"/v2/{name}/blobs/{image.layer_digest}",
+        f"/v2/{name}/tags/list",
+        image.layer_bytes,
+    )
 
 
-def _paths(name: str, tag: str, digest: str) -> tuple[str, str, str]:
-    return (f"/v2/{name}/manifests/{tag}", f"/v2/{name}/blobs/{digest}", f"/v2/{name}/tags/list")
-
-
-def _run_nginx(run: _Run, image: Any) -> None:
+def _start_nginx(run: _Run, image: Image, stack: contextlib.ExitStack) -> RunningServer | None:
     if tool("nginx") is None:
         run.skipped["nginx"] = "nginx is not installed (apt-get install -y nginx-light)"
-        return
-    name, _, tag = image.ref.partition(":")
-    with run.phase("nginx", "start"):
-        server = start_nginx(
-            Path(image.nginx_root),
-            run.scratch("nginx"),
-            name=name,
-            manifest_type=image.manifest_media_type,
-            manifest_digest=image.manifest_digest,
-        )
-        with server:
-            manifest, blob, tags = _paths(name, tag, image.layer_digest)
-            target = measure.Target(server, manifest, blob, tags, image.layer_bytes)
-            run.measure_server(server, target)
+        return None
+    name = image.ref.partition(":")[0]
+    server = start_nginx(
+        Path(image.nginx_root),
+        run.scratch("nginx"),
+        name=name,
+        manifest_type=image.manifest_media_type,
+        manifest_digest=image.manifest_digest,
+    )
+    return stack.enter_context(server)
 
 
-def _run_distribution(run: _Run, image: Any) -> None:
+def _start_distribution(
+    run: _Run, image: Image, stack: contextlib.ExitStack
+) -> RunningServer | None:
     missing = [b for b in ("docker-registry", "skopeo") if tool(b) is None]
     if missing:
         run.skipped["distribution"] = (
             f"{' and '.join(missing)} not installed (apt-get install -y docker-registry skopeo)"
         )
-        return
+        return None
     storage = run.work / f"distribution-{image.layer_bytes}"
     seeded = storage / ".seeded"
-    with run.phase("distribution", "start and seed"):
-        if not (seeded.is_file() and seeded.read_text() == image.manifest_digest):
-            shutil.rmtree(storage, ignore_errors=True)
-        server = start_distribution(storage / "data", run.scratch("distribution"))
-        with server:
-            if not seeded.is_file():
-                _log(f"distribution: pushing {image.ref} with skopeo")
-                seed_distribution(
-                    server, Path(image.plain_archive), image.ref, run.scratch("distribution")
-                )
-                seeded.write_text(image.manifest_digest)
-            name, _, tag = image.ref.partition(":")
-            manifest, blob, tags = _paths(name, tag, image.layer_digest)
-            got = measure.served_manifest_digest(server.port, manifest)
-            if got != image.manifest_digest:
-                run.notes.append(f"distribution serves manifest {got}, not {image.manifest_digest}")
-            target = measure.Target(server, manifest, blob, tags, image.layer_bytes)
-            run.measure_server(server, target)
+    if not (seeded.is_file() and seeded.read_text() == image.manifest_digest):
+        shutil.rmtree(storage, ignore_errors=True)
+    server = stack.enter_context(start_distribution(storage / "data", run.scratch("distribution")))
+    if not seeded.is_file():
+        _log(f"distribution: pushing {image.ref} with skopeo")
+        seed_distribution(server, Path(image.plain_archive), image.ref, run.scratch("distribution"))
+        seeded.write_text(image.manifest_digest)
+    got = measure.served_manifest_digest(server.port, _target(server, image).manifest_path)
+    if got != image.manifest_digest:
+        run.notes.append(f"distribution serves manifest {got}, not {image.manifest_digest}")
+    return server
 
 
-def _run_ours(run: _Run, image: Any) -> None:
+def _start_ours(run: _Run, image: Image, stack: contextlib.ExitStack) -> RunningServer | None:
     reason = ours_unavailable()
     if reason is not None:
         run.skipped["ours"] = reason
-        return
+        return None
+    server = start_ours(
+        Path(image.registry_dir), run.scratch("ours"), workers=run.workers, label="ours"
+    )
+    return stack.enter_context(server)
+
+
+def _shared_phases(run: _Run, targets: list[measure.Target]) -> None:
+    """Blob and request-rate figures for every server, repetitions interleaved across servers
+    so that a noisy neighbour on the machine hits all of them alike."""
+    plan = run.plan
+    for target in run.alive(targets):
+        with run.attempt(target.name, "warm-up"):
+            measure.warm_up(target)
+    _log(f"blob GET, 1 stream: {plan.single_reps} runs per server")
+    for _ in range(plan.single_reps):
+        for target in run.alive(targets):
+            with run.attempt(target.name, "blob GET, 1 stream"):
+                run.add(target.name, measure.blob_single(target))
+    _log(f"blob GET, {plan.concurrency} streams: {plan.concurrent_reps} runs per server")
+    for _ in range(plan.concurrent_reps):
+        for target in run.alive(targets):
+            with run.attempt(target.name, f"blob GET, {plan.concurrency} streams"):
+                run.add(target.name, measure.blob_concurrent(target, plan.concurrency))
+    for case in measure.RATE_CASES:
+        missing = measure.missing_tool(case)
+        if missing is not None:
+            run.notes.append(missing)
+            continue
+        _log(f"{case.key} ({case.tool}): {plan.wrk_reps} x {plan.wrk_seconds} s per server")
+        for rep in range(-1 if plan.warmup_seconds else 0, plan.wrk_reps):
+            for target in run.alive(targets):
+                with run.attempt(target.name, case.key):
+                    measured = measure.request_rate(
+                        target,
+                        case,
+                        scratch=run.scratch(target.name),
+                        seconds=plan.warmup_seconds if rep < 0 else plan.wrk_seconds,
+                        threads=plan.wrk_threads,
+                        connections=plan.wrk_connections,
+                        notes=run.notes,
+                    )
+                    if rep >= 0:
+                        run.add(target.name, measured)
+
+
+def _ours_phases(run: _Run, image: Image) -> None:
+    """Cold directories and gzip pulls: ours only, a fresh server for every repetition."""
     scratch = run.scratch("ours")
 
     def starter(label: str, cache: Path | None = None) -> Callable[[Path], RunningServer]:
@@ -232,13 +264,9 @@ def _run_ours(run: _Run, image: Any) -> None:
 
         return start
 
-    with run.phase("ours", "blobs and request rates"):
-        with starter("ours")(Path(image.registry_dir)) as server:
-            name, _, tag = image.ref.partition(":")
-            manifest, blob, tags = _paths(name, tag, image.layer_digest)
-            target = measure.Target(server, manifest, blob, tags, image.layer_bytes)
-            run.measure_server(server, target)
-    with run.phase("ours", f"cold directories {', '.join(map(str, run.plan.dir_sizes))}"):
+    sizes = ", ".join(f"{n:,}" for n in run.plan.dir_sizes)
+    _log(f"ours: 1st manifest on cold directories of {sizes} archives")
+    with run.attempt("ours", "cold directories"):
         dirs = [build_cold_dir(run.work, n) for n in run.plan.dir_sizes]
         run.add(
             "ours",
@@ -246,7 +274,8 @@ def _run_ours(run: _Run, image: Any) -> None:
                 starter("ours-cold"), [(d.count, d.path, d.ref) for d in dirs], run.plan.cold_reps
             ),
         )
-    with run.phase("ours", "gzip archive pulls"):
+    _log("ours: 1st and 2nd pull of the gzip archive")
+    with run.attempt("ours", "gzip archive pulls"):
         has_cache_dir = "--cache-dir" in ours_help()
         if not has_cache_dir:
             run.notes.append(
@@ -255,8 +284,7 @@ def _run_ours(run: _Run, image: Any) -> None:
             )
 
         def start_gzip(cache: Path) -> RunningServer:
-            used = cache if has_cache_dir else None
-            return starter("ours-gzip", used)(Path(image.registry_dir))
+            return starter("ours-gzip", cache if has_cache_dir else None)(Path(image.registry_dir))
 
         run.add(
             "ours",
@@ -270,6 +298,13 @@ def _run_ours(run: _Run, image: Any) -> None:
         )
 
 
+_STARTERS: Final = (
+    ("nginx", _start_nginx),
+    ("distribution", _start_distribution),
+    ("ours", _start_ours),
+)
+
+
 def _execute(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
     plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
     wanted = args.servers.split(",")
@@ -278,15 +313,20 @@ def _execute(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]
     _log(f"mode {plan.mode}: building fixtures in {work}")
     image = build_image(work, plan.layer_bytes)
     _log(f"fixtures ready in {time.time() - started:.1f} s")
-    for server, runner in (
-        ("nginx", _run_nginx),
-        ("distribution", _run_distribution),
-        ("ours", _run_ours),
-    ):
-        if server in wanted:
-            runner(run, image)
-        else:
-            run.skipped[server] = "not selected (--servers)"
+    with contextlib.ExitStack() as stack:
+        servers: list[RunningServer] = []
+        for name, start in _STARTERS:
+            if name not in wanted:
+                run.skipped[name] = "not selected (--servers)"
+                continue
+            _log(f"{name}: starting")
+            with run.attempt(name, "start"):
+                started_server = start(run, image, stack)
+                if started_server is not None:
+                    servers.append(started_server)
+        _shared_phases(run, [_target(s, image) for s in servers])
+    if "ours" in wanted and "ours" not in run.skipped and "ours" not in run.failed:
+        _ours_phases(run, image)
     metrics = report.metrics_for(plan.dir_sizes, plan.concurrency)
     ratio_table = report.ratios(run.results, metrics)
     target_list = report.targets(run.results, plan.dir_sizes)
