@@ -492,12 +492,15 @@ def test_open_member_on_deleted_file_is_stale(tmp_path: Path) -> None:
 
 
 def test_compressed_open_member_on_replaced_file_is_stale(tmp_path: Path) -> None:
-    w, _ = make_writer()
+    w = LayoutWriter()
+    big = w.add_blob(os.urandom(50_000), "application/octet-stream")
+    w.tag(w.add_index([big]), "1")
     path = w.write_archive(tmp_path / "a.oci", compression="zstd")
-    archive = open_archive(str(path))
+    # Members over small_member_bytes are not kept in memory: they are read from the file.
+    archive = open_archive(str(path), ArchiveLimits(small_member_bytes=10_000))
     w.write_archive(path, compression="zstd")  # same bytes, new inode
     with pytest.raises(StaleArchiveError):
-        archive.open_member("index.json")
+        archive.open_member("blobs/sha256/" + big.hex)
 
 
 def test_reader_notices_in_place_rewrite(tmp_path: Path) -> None:
