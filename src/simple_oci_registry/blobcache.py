@@ -52,6 +52,7 @@ class CacheStats:
     evictions: int = 0
     index_hits: int = 0
     rejected: int = 0
+    decompressions: int = 0  # passes over a compressed archive (scans and refills)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +93,10 @@ class BlobCache:
             log.warning("blob cache %s unusable (%s): compressed archives will be streamed "
                         "and decompressed on every pull", directory, exc.strerror or exc)
             return None
+
+    def count_decompression(self) -> None:
+        with self._lock:
+            self.stats.decompressions += 1
 
     # ------------------------------------------------------------------ blobs
 

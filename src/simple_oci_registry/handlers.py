@@ -155,7 +155,7 @@ class Handlers:
             response = web.StreamResponse(status=status, headers=headers)
             response.content_length = length
             return await send_member(request, response, reader, byte_range, location.digest,
-                                     verify_stream=location.streamed)
+                                     verify_stream=reader.region() is None)
         finally:
             reader.close()
 

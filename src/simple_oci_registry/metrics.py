@@ -10,7 +10,9 @@ reports the whole node.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Iterable
 from typing import Final
 
 from prometheus_client import (
@@ -23,6 +25,7 @@ from prometheus_client import (
     multiprocess,
 )
 
+from simple_oci_registry.blobcache import CacheStats
 from simple_oci_registry.store import ImageStore, StoreStats
 
 __all__ = ["MULTIPROC_ENV", "Metrics"]
@@ -59,7 +62,17 @@ class Metrics:
                                       "Blob bytes hashed to check their digest", registry=reg)
         self.cache_entries = Gauge("registry_cache_entries", "Entries in the store's caches",
                                    ["cache"], multiprocess_mode="livesum", registry=reg)
+        self.decompressions = Counter(
+            "registry_decompressions", "Passes over a gzip/zstd archive (scans and refills)",
+            registry=reg)
+        self.cache_fills = Counter("registry_blob_cache_fills",
+                                   "Blobs decompressed into the blob cache", registry=reg)
+        self.cache_hits = Counter("registry_blob_cache_hits",
+                                  "Blob transfers served from the blob cache", registry=reg)
+        self.cache_evictions = Counter("registry_blob_cache_evictions",
+                                       "Blobs evicted from the blob cache", registry=reg)
         self._synced = StoreStats()
+        self._synced_cache = CacheStats()
 
     def observe(self, endpoint: str, method: str, status: int, sent: int,
                 seconds: float) -> None:
@@ -69,18 +82,25 @@ class Metrics:
         self.duration.labels(endpoint).observe(seconds)
 
     def sync(self, store: ImageStore) -> None:
-        """Copy the store's counters (as deltas) and cache sizes into the metrics."""
+        """Copy the store's and the blob cache's counters (as deltas) and cache sizes."""
         now, last = store.stats, self._synced
-        for counter, current, previous in (
+        _add_deltas((
             (self.archives_indexed, now.archives_indexed, last.archives_indexed),
             (self.index_seconds, now.index_seconds, last.index_seconds),
             (self.archive_errors, now.archive_errors, last.archive_errors),
             (self.rescans, now.rescans, last.rescans),
             (self.verified_bytes, now.verified_bytes, last.verified_bytes),
-        ):
-            if current > previous:
-                counter.inc(current - previous)
-        self._synced = StoreStats(**{f: getattr(now, f) for f in StoreStats.__slots__})
+        ))
+        self._synced = dataclasses.replace(now)
+        if store.cache is not None:
+            blobs, seen = store.cache.stats, self._synced_cache
+            _add_deltas((
+                (self.decompressions, blobs.decompressions, seen.decompressions),
+                (self.cache_fills, blobs.fills, seen.fills),
+                (self.cache_hits, blobs.hits, seen.hits),
+                (self.cache_evictions, blobs.evictions, seen.evictions),
+            ))
+            self._synced_cache = dataclasses.replace(blobs)
         for cache, size in store.snapshot().items():
             self.cache_entries.labels(cache).set(size)
 
@@ -91,3 +111,10 @@ class Metrics:
                 registry, path=self._multiproc_dir)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _add_deltas(pairs: Iterable[tuple[Counter, float, float]]) -> None:
+    """Advance each counter by what its source counted since the last sync."""
+    for counter, current, previous in pairs:
+        if current > previous:
+            counter.inc(current - previous)

@@ -18,6 +18,7 @@ Caching follows the original design, made exact:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -35,6 +36,7 @@ from simple_oci_registry.archive import (
     StaleArchiveError,
     open_archive,
 )
+from simple_oci_registry.blobcache import BlobCache
 from simple_oci_registry.config import Config
 from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.fingerprint import Fingerprint
@@ -61,8 +63,9 @@ class BlobLocation:
     body: bytes | None = None
 
     @property
-    def streamed(self) -> bool:
-        """True when bytes come from a compressed stream (no sendfile, verified while sent)."""
+    def compressed(self) -> bool:
+        """True for members of gzip/zstd archives: the blob cache verifies them before keeping
+        them, and without a cache they are hashed while they stream."""
         return self.layout is not None and self.layout.archive.kind in (
             ArchiveKind.GZIP, ArchiveKind.ZSTD)
 
@@ -100,6 +103,7 @@ class ImageStore:
         self._inflight: dict[object, asyncio.Future[object]] = {}
         self._catalog: tuple[float, list[str]] | None = None
         self.stats = StoreStats()
+        self.cache = BlobCache.create(config.cache_dir, config.cache_max_bytes)
 
     # ------------------------------------------------------------------ public API
 
@@ -155,9 +159,20 @@ class ImageStore:
                 await self._verify(location)
                 layout = location.layout
                 assert layout is not None
-                reader = await asyncio.to_thread(layout.archive.open_member,
-                                                 blob_member(location.digest))
+                member = blob_member(location.digest)
+                if location.compressed and self.cache is not None:
+                    # Concurrent requests for a cold blob wait for one decompression.
+                    prepare = functools.partial(asyncio.to_thread, layout.archive.prepare, member)
+                    await self._single_flight(("cache", location.digest), prepare)
+                reader = await asyncio.to_thread(layout.archive.open_member, member)
                 return location, reader
+            except ArchiveError as exc:
+                self.stats.archive_errors += 1
+                source = location.layout.archive.path if location.layout else "?"
+                log.error("%s: cannot serve blob %s: %s", self._relative(source),
+                          location.digest, exc)
+                raise RegistryError(ErrorCode.BLOB_UNKNOWN, {
+                    "digest": location.digest, "reason": str(exc)}) from None
             except (StaleArchiveError, OSError) as exc:
                 # ESTALE/EIO from NFS, or a replaced file: look again rather than fail.
                 log.info("re-resolving %s@%s: %s", name, location.digest, exc)
@@ -313,7 +328,7 @@ class ImageStore:
         return layout
 
     def _read_layout(self, path: str) -> ImageLayout:
-        return load_layout(open_archive(path, self._limits))
+        return load_layout(open_archive(path, self._limits, self.cache))
 
     async def _verify(self, location: BlobLocation) -> None:
         """Hash an archive member once per fingerprint before serving it (uncompressed kinds).
@@ -328,7 +343,7 @@ class ImageStore:
         """False when the member's bytes do not hash to its digest (checked once per
         fingerprint; memory and compressed members count as intact here)."""
         layout = location.layout
-        if layout is None or location.streamed:
+        if layout is None or location.compressed:
             return True
         key = (layout.archive.path, layout.archive.fingerprint, location.digest)
         ok = self._verified.get(key)
