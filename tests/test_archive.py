@@ -9,7 +9,9 @@ import os
 import random
 import tarfile
 import tempfile
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -463,6 +465,46 @@ def test_gzip_magic_then_garbage(tmp_path: Path) -> None:
     path.write_bytes(b"\x1f\x8b" + b"garbage" * 100)
     with pytest.raises(ArchiveError):
         open_archive(str(path))
+
+
+def _with_fifo_released(fifo: Path, call: Callable[[], object]) -> BaseException | None:
+    """Run ``call`` in a thread; if it blocks on the FIFO, unblock it (then fail the test)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # a blocked reader's open() returns
+        os.close(fd)
+        thread.join(5)
+        pytest.fail("opening a FIFO blocked")
+    return outcome[0]
+
+
+def test_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.oci"
+    os.mkfifo(fifo)
+    error = _with_fifo_released(fifo, lambda: open_archive(str(fifo)))
+    assert isinstance(error, ArchiveError) and "not a regular file" in str(error)
+
+
+def test_archive_replaced_by_a_fifo_is_stale(tmp_path: Path) -> None:
+    w, _ = make_writer()
+    path = w.write_archive(tmp_path / "a.oci")
+    archive = open_archive(str(path))
+    path.unlink()
+    os.mkfifo(path)
+    error = _with_fifo_released(path, lambda: archive.open_member("index.json"))
+    assert isinstance(error, StaleArchiveError)
 
 
 # --------------------------------------------------------------------------- staleness
