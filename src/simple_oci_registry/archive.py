@@ -27,6 +27,7 @@ from typing import IO, Final
 
 import zstandard
 
+from simple_oci_registry.blobcache import BlobCache, CachedIndex
 from simple_oci_registry.fingerprint import Fingerprint
 
 __all__ = [
@@ -137,6 +138,9 @@ class Archive(ABC):
     def open_member(self, name: str) -> MemberReader:
         """Open a member for streaming; raises StaleArchiveError if the file changed."""
 
+    def prepare(self, name: str) -> None:  # noqa: B027 - a hook; most kinds need nothing
+        """Make ``open_member(name)`` fast (compressed archives fill the blob cache)."""
+
     def _member(self, name: str, limit: int | None = None) -> Member:
         member = self.members.get(name)
         if member is None:
@@ -177,15 +181,16 @@ def detect_kind(path: str) -> ArchiveKind:
     raise ArchiveError("not a tar, gzip or zstd archive, nor an OCI layout directory")
 
 
-def open_archive(path: str, limits: ArchiveLimits | None = None) -> Archive:
-    """Index the archive at ``path`` (blocking)."""
+def open_archive(path: str, limits: ArchiveLimits | None = None,
+                 cache: BlobCache | None = None) -> Archive:
+    """Index the archive at ``path`` (blocking); ``cache`` serves compressed archives."""
     limits = limits or ArchiveLimits()
     kind = detect_kind(path)
     if kind is ArchiveKind.TAR:
         return TarArchive.scan(path, limits)
     if kind is ArchiveKind.DIRECTORY:
         return DirectoryArchive.scan(path, limits)
-    return CompressedTarArchive.scan(path, kind, limits)
+    return CompressedTarArchive.scan(path, kind, limits, cache)
 
 
 def _normalise(name: str) -> str | None:
@@ -392,23 +397,80 @@ class _StreamReader(MemberReader):
         self._raw.close()
 
 
+class _BytesReader(MemberReader):
+    """A small member already held in memory (index.json, manifests, configs)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+        self.size = len(data)
+
+    def read(self, n: int) -> bytes:
+        chunk = self._data[self._pos: self._pos + n]
+        self._pos += len(chunk)
+        return chunk
+
+    def unchanged(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def _blob_digest(name: str) -> str | None:
+    """``blobs/<alg>/<encoded>`` → ``<alg>:<encoded>``; the cache is keyed by digest."""
+    parts = name.split("/")
+    return f"{parts[1]}:{parts[2]}" if len(parts) == 3 and parts[0] == "blobs" else None
+
+
 class CompressedTarArchive(Archive):
-    """A gzip- or zstd-compressed tar (the original project's format: ``docker save | gzip``)."""
+    """A gzip- or zstd-compressed tar (the original project's format: ``docker save | gzip``).
+
+    With a blob cache, the one decompression pass that indexing needs anyway (skopeo writes
+    index.json *after* the blobs, so nothing is known before the end) also stores every large
+    blob in the cache, verified; blobs are then served from there with sendfile. The member
+    table and small members are remembered in the cache too, so an unchanged archive is not
+    decompressed again after a restart, nor by a second worker process. Without a cache,
+    members are decompressed again for each transfer.
+    """
 
     def __init__(self, path: str, fingerprint: Fingerprint, members: Mapping[str, Member],
-                 kind: ArchiveKind, small: Mapping[str, bytes]) -> None:
+                 kind: ArchiveKind, small: Mapping[str, bytes],
+                 cache: BlobCache | None = None) -> None:
         super().__init__(path, fingerprint, members)
         self.kind = kind
         self._small = small
+        self._cache = cache
 
     @classmethod
-    def scan(cls, path: str, kind: ArchiveKind, limits: ArchiveLimits) -> CompressedTarArchive:
+    def scan(cls, path: str, kind: ArchiveKind, limits: ArchiveLimits,
+             cache: BlobCache | None = None) -> CompressedTarArchive:
+        if cache is None:
+            return cls._scan(path, kind, limits, None)
+        fingerprint = Fingerprint.of_path(path)
+        with cache.indexing(path, fingerprint):
+            remembered = cache.load_index(path, fingerprint)
+            if remembered is not None:
+                # Blobs evicted since are decompressed again on demand, one at a time.
+                members = {n: Member(n, off, size) for n, (off, size) in remembered.members.items()}
+                return cls(path, fingerprint, members, kind, remembered.small, cache)
+            archive = cls._scan(path, kind, limits, cache)
+            cache.save_index(path, archive.fingerprint, CachedIndex(
+                {m.name: (m.offset, m.size) for m in archive.members.values()},
+                dict(archive._small)))
+            return archive
+
+    @classmethod
+    def _scan(cls, path: str, kind: ArchiveKind, limits: ArchiveLimits,
+              cache: BlobCache | None) -> CompressedTarArchive:
         entries: list[tuple[tarfile.TarInfo, str]] = []
         small: dict[str, bytes] = {}
         small_total = 0
         with _open_regular(path) as raw:
             fingerprint = Fingerprint.of_fd(raw.fileno())
             budget = limits.max_expansion * fingerprint.size + (1 << 20)
+            if cache is not None:
+                cache.count_decompression()
             try:
                 with _decompressor(kind, raw) as stream:
                     bounded = io.BufferedReader(_BoundedReader(stream, budget), _CHUNK)
@@ -424,13 +486,17 @@ class CompressedTarArchive(Archive):
                             entries.append((info, name))
                             if len(entries) > limits.max_members:
                                 raise ArchiveError(f"more than {limits.max_members} members")
-                            if info.isreg() and info.size <= limits.small_member_bytes:
+                            if not info.isreg():
+                                continue
+                            if info.size <= limits.small_member_bytes:
                                 small_total += info.size
                                 if small_total > limits.max_small_total:
                                     raise ArchiveError("too many small members")
                                 extracted = tf.extractfile(info)
                                 if extracted is not None:
                                     small[name] = extracted.read()
+                            elif cache is not None and (digest := _blob_digest(name)):
+                                _tee_into(cache, digest, info.size, tf.extractfile(info))
             except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError) as exc:
                 # gzip raises zlib.error (not OSError) for a corrupt deflate stream.
                 raise ArchiveError(f"unreadable {kind.value} archive: {exc}") from exc
@@ -438,7 +504,7 @@ class CompressedTarArchive(Archive):
         for name, data in small.items():
             if len(data) != members[name].size:
                 raise ArchiveError(f"{name} is truncated")
-        return cls(path, fingerprint, members, kind, small)
+        return cls(path, fingerprint, members, kind, small, cache)
 
     def read_member(self, name: str, limit: int) -> bytes:
         self._member(name, limit)
@@ -449,12 +515,60 @@ class CompressedTarArchive(Archive):
 
     def open_member(self, name: str) -> MemberReader:
         member = self._member(name)
+        data = self._small.get(name)
+        if data is not None:
+            return _BytesReader(data)
+        digest = _blob_digest(name)
+        if self._cache is not None and digest is not None:
+            cached = self._from_cache(digest, member)
+            if cached is not None:
+                return cached
         raw = _open_checked(self.path, self.fingerprint)
         try:
             return _StreamReader(raw, self.kind, member, self.fingerprint)
         except BaseException:
             raw.close()
             raise
+
+    def prepare(self, name: str) -> None:
+        member = self._member(name)
+        digest = _blob_digest(name)
+        if (self._cache is not None and digest is not None and name not in self._small
+                and not self._cache.contains(digest, member.size)):
+            reader = self._from_cache(digest, member)
+            if reader is not None:
+                reader.close()
+
+    def _from_cache(self, digest: str, member: Member) -> MemberReader | None:
+        """The cached blob, decompressing it into the cache first if it was evicted.
+
+        The fill lock makes concurrent requests, in this process or another worker, wait
+        for one decompression instead of each doing their own.
+        """
+        assert self._cache is not None
+        file = self._cache.open(digest, member.size)
+        if file is None:
+            with self._cache.filling(digest, member.size) as needed:
+                if needed:
+                    raw = _open_checked(self.path, self.fingerprint)
+                    self._cache.count_decompression()
+                    with _StreamReader(raw, self.kind, member, self.fingerprint) as reader:
+                        if not self._cache.store(digest, member.size,
+                                                 iter(lambda: reader.read(_CHUNK), b"")):
+                            raise ArchiveError(f"{member.name} does not match its digest")
+            file = self._cache.open(digest, member.size)
+        if file is None:
+            return None
+        return _FdReader(file, 0, member.size, Fingerprint.of_fd(file.fileno()))
+
+
+def _tee_into(cache: BlobCache, digest: str, size: int, source: IO[bytes] | None) -> None:
+    """Store a member that the scan is reading through anyway, unless it is cached already."""
+    if source is None or cache.contains(digest, size):
+        return
+    with cache.filling(digest, size) as needed:
+        if needed:
+            cache.store(digest, size, iter(lambda: source.read(_CHUNK), b""))
 
 
 class DirectoryArchive(Archive):
