@@ -158,13 +158,6 @@ def test_a_repaired_archive_is_served(image_dir: Path,
     assert gone.status == 404 and error_codes(gone) == ["BLOB_UNKNOWN"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "archive.detect_kind opens every non-directory candidate with a blocking open(): a FIFO "
-    "named *.oci blocks the indexing thread until a writer appears, so every request for that "
-    "name hangs (the single-flight future never completes) and SIGTERM never finishes "
-    "(asyncio.run waits for the stuck executor thread); it should refuse anything that is not "
-    "a regular file or a directory (stat first, or open with O_NONBLOCK and fstat) and answer "
-    "404 with a log line"))
 def test_fifo_named_like_an_archive(image_dir: Path, tmp_path: Path,
                                     start_registry: Callable[..., RegistryProcess]) -> None:
     build_standard_images(image_dir)
