@@ -19,6 +19,7 @@ from typing import Final
 from aiohttp import hdrs, web
 
 from simple_oci_registry.auth import BasicAuth
+from simple_oci_registry.catalogpage import CatalogPage
 from simple_oci_registry.config import Config
 from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.handlers import Handlers
@@ -233,6 +234,7 @@ def make_app(config: Config) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/", CatalogPage(config, auth=app.get(AUTH)).handle)
     app.cleanup_ctx.append(_rescan_loop)
     app.cleanup_ctx.append(_metrics_sync_loop)
     return app
