@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from simple_oci_registry.archive import open_archive
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.reference import valid_name
 from simple_oci_registry.resolver import Candidate, Pattern, list_candidates, ordered, walk_names
@@ -101,8 +102,16 @@ def test_layout_directories_are_candidates(root: Path) -> None:
     (root / "app" / "dir.oci").mkdir(parents=True)
     (root / "app" / "dir.oci" / "index.json").write_bytes(b"{}")
     (root / "whole.oci").mkdir()
-    assert relative(root, list_candidates(str(root), "app")) == ["app/dir.oci"]
-    assert relative(root, list_candidates(str(root), "whole")) == ["whole.oci"]
+    [candidate] = list_candidates(str(root), "app")
+    assert relative(root, [candidate]) == ["app/dir.oci"]
+    # Identified by index.json, as the archive layer does, so the store's check matches.
+    index = root / "app" / "dir.oci" / "index.json"
+    assert candidate.fingerprint == Fingerprint.of_path(str(index))
+    assert candidate.fingerprint == open_archive(candidate.path).fingerprint
+    # Without index.json (not a layout yet) the directory's own stat stands in.
+    [whole] = list_candidates(str(root), "whole")
+    assert relative(root, [whole]) == ["whole.oci"]
+    assert whole.fingerprint == Fingerprint.of_path(str(root / "whole.oci"))
     assert walk_names(str(root)) == ["app", "app/dir", "whole"]
 
 
@@ -117,7 +126,7 @@ def test_symlink_outside_the_root_is_refused(root: Path, tmp_path: Path,
     assert list_candidates(str(root), "linked") == ()
     allowed = list_candidates(str(root), "app", allow_outside=True)
     assert relative(root, allowed) == ["app.oci"]
-    assert allowed[0].fingerprint == Fingerprint.of_path(outside / "x.oci")
+    assert allowed[0].fingerprint == Fingerprint.of_path(str(outside / "x.oci"))
     assert relative(root, list_candidates(str(root), "linked", allow_outside=True)) == [
         "linked/1.0.oci"]
 
@@ -127,7 +136,7 @@ def test_symlink_inside_the_root_is_followed(root: Path) -> None:
     (root / "alias.oci").symlink_to(root / "real" / "1.0.oci")
     (root / "dangling.oci").symlink_to(root / "missing.oci")
     [candidate] = list_candidates(str(root), "alias")
-    assert candidate.fingerprint == Fingerprint.of_path(root / "real" / "1.0.oci")
+    assert candidate.fingerprint == Fingerprint.of_path(str(root / "real" / "1.0.oci"))
     assert list_candidates(str(root), "dangling") == ()
 
 

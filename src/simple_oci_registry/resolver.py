@@ -20,9 +20,11 @@ Everything here blocks: callers run it in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -60,6 +62,21 @@ def _inside(root: str, path: str) -> bool:
     return real == root or real.startswith(root + os.sep)
 
 
+def _fingerprint(path: str) -> Fingerprint:
+    """The fingerprint the store compares with the indexed archive's.
+
+    A layout directory is identified by its ``index.json``, exactly as
+    :class:`~simple_oci_registry.archive.DirectoryArchive` identifies it (tools rewrite
+    index.json on every change); the directory's own stat would never match it, and the layout
+    would be indexed again on every request.
+    """
+    st = os.stat(path)
+    if stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):  # no index.json yet: indexing will say why
+            return Fingerprint.of_path(os.path.join(path, "index.json"))
+    return Fingerprint.of(st)
+
+
 def _entries(directory: str) -> Iterator[os.DirEntry[str]]:
     try:
         with os.scandir(directory) as it:
@@ -82,7 +99,7 @@ def list_candidates(root: str, name: str, *, allow_outside: bool = False) -> tup
             log.warning("refusing %s: it resolves outside the image directory", entry.path)
             return
         try:
-            fingerprint = Fingerprint.of_path(entry.path)
+            fingerprint = _fingerprint(entry.path)
         except OSError:
             return  # vanished between listing and stat, or a dangling link
         found.append(Candidate(entry.path, pattern, stem, fingerprint))
