@@ -240,7 +240,7 @@ def _config_platform(layout: ImageLayout, record: ManifestRecord) -> str | None:
     return _platform_text(config) if isinstance(config, dict) else None
 
 
-def _platforms(layout: ImageLayout, record: ManifestRecord, depth: int = 0) -> list[str]:
+def _platforms(layout: ImageLayout, record: ManifestRecord) -> list[str]:
     if not record.is_index:
         found = _config_platform(layout, record) or _platform_text(record.platform)
         return [found] if found else []
@@ -249,7 +249,7 @@ def _platforms(layout: ImageLayout, record: ManifestRecord, depth: int = 0) -> l
         child = layout.manifests[child_digest]
         if child.is_index:
             # load_layout bounds the nesting, so this recursion is bounded too.
-            platforms += _platforms(layout, child, depth + 1)
+            platforms += _platforms(layout, child)
             continue
         # In an index the descriptor's platform is what clients select by.
         found = _platform_text(child.platform) or _config_platform(layout, child)
