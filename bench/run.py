@@ -298,6 +298,12 @@ def _ours_phases(run: _Run, image: Image) -> None:
         )
 
 
+def _brief(message: str) -> str:
+    """First and last line of a failure (the JSON keeps it whole, with the server's log tail)."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    return lines[0] if len(lines) < 2 else f"{lines[0]} ... {lines[-1].strip()}"
+
+
 _STARTERS: Final = (
     ("nginx", _start_nginx),
     ("distribution", _start_distribution),
@@ -332,7 +338,7 @@ def _execute(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]
     target_list = report.targets(run.results, plan.dir_sizes)
     skipped = dict(run.skipped)
     for server, messages in run.failed.items():
-        skipped[server] = "failed: " + "\n  ".join(messages)
+        skipped[server] = "failed: " + "\n  ".join(_brief(m) for m in messages)
     text = report.render(run.results, metrics, ratio_table, target_list, skipped)
     document = {
         "schema": 1,
