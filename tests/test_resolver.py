@@ -98,6 +98,21 @@ def test_missing_name_has_no_candidates(root: Path) -> None:
     assert list_candidates(str(root), "file/x") == ()  # a file where a directory would be
 
 
+def test_unreadable_directory_is_skipped(root: Path, monkeypatch: pytest.MonkeyPatch,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    touch(root, "app/1.0.oci", "app:2.0.oci")
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        if os.path.basename(path) == "app":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # tests may run as root, who reads anything
+    assert relative(root, list_candidates(str(root), "app")) == ["app:2.0.oci"]
+    assert "cannot list" in caplog.text and "Permission denied" in caplog.text
+
+
 def test_layout_directories_are_candidates(root: Path) -> None:
     (root / "app" / "dir.oci").mkdir(parents=True)
     (root / "app" / "dir.oci" / "index.json").write_bytes(b"{}")

@@ -83,6 +83,10 @@ def _entries(directory: str) -> Iterator[os.DirEntry[str]]:
             yield from it
     except (FileNotFoundError, NotADirectoryError):
         return
+    except PermissionError as exc:
+        # e.g. lost+found at the root of a volume, or a directory of another team: its archives
+        # cannot be served, but the name's other candidates (beside it) still can.
+        log.warning("cannot list %s: %s", directory, exc.strerror)
 
 
 def list_candidates(root: str, name: str, *, allow_outside: bool = False) -> tuple[Candidate, ...]:
