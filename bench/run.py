@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -129,6 +130,12 @@ class _Run:
         self.skipped: dict[str, str] = {}
         self.failed: dict[str, list[str]] = {}
         self.notes: list[str] = []
+        self.ours_cache_dir = False
+        """Whether our server takes --cache-dir (else it would use its system-wide default)."""
+
+    def ours_cache(self, label: str) -> Path | None:
+        """A scratch --cache-dir for one of our servers, so none writes to its default one."""
+        return self.scratch("ours") / f"{label}-cache" if self.ours_cache_dir else None
 
     def add(self, server: str, measured: measure.Measured) -> None:
         for key, values in measured.items():
@@ -209,8 +216,18 @@ def _start_ours(run: _Run, image: Image, stack: contextlib.ExitStack) -> Running
     if reason is not None:
         run.skipped["ours"] = reason
         return None
+    run.ours_cache_dir = "--cache-dir" in ours_help()
+    if not run.ours_cache_dir:
+        run.notes.append(
+            "ours has no --cache-dir: each 1st gzip pull runs on a fresh server with its "
+            "default cache, which may not be empty"
+        )
     server = start_ours(
-        Path(image.registry_dir), run.scratch("ours"), workers=run.workers, label="ours"
+        Path(image.registry_dir),
+        run.scratch("ours"),
+        workers=run.workers,
+        label="ours",
+        cache_dir=run.ours_cache("ours"),
     )
     return stack.enter_context(server)
 
@@ -260,9 +277,18 @@ def _ours_phases(run: _Run, image: Image) -> None:
 
     def starter(label: str, cache: Path | None = None) -> Callable[[Path], RunningServer]:
         def start(directory: Path) -> RunningServer:
-            return start_ours(directory, scratch, workers=run.workers, label=label, cache_dir=cache)
+            used = (cache or run.ours_cache(label)) if run.ours_cache_dir else None
+            return start_ours(directory, scratch, workers=run.workers, label=label, cache_dir=used)
 
         return start
+
+    fresh = itertools.count()
+
+    def start_cold(directory: Path) -> RunningServer:
+        # An empty cache dir each time: the server may keep archive indexes there.
+        cache = scratch / "cold-caches" / str(next(fresh))
+        cache.mkdir(parents=True, exist_ok=True)
+        return starter("ours-cold", cache)(directory)
 
     sizes = ", ".join(f"{n:,}" for n in run.plan.dir_sizes)
     _log(f"ours: 1st manifest on cold directories of {sizes} archives")
@@ -271,20 +297,14 @@ def _ours_phases(run: _Run, image: Image) -> None:
         run.add(
             "ours",
             measure.cold_first_manifest(
-                starter("ours-cold"), [(d.count, d.path, d.ref) for d in dirs], run.plan.cold_reps
+                start_cold, [(d.count, d.path, d.ref) for d in dirs], run.plan.cold_reps
             ),
         )
     _log("ours: 1st and 2nd pull of the gzip archive")
     with run.attempt("ours", "gzip archive pulls"):
-        has_cache_dir = "--cache-dir" in ours_help()
-        if not has_cache_dir:
-            run.notes.append(
-                "ours has no --cache-dir: each 1st gzip pull runs on a fresh server with its "
-                "default cache, which may not be empty"
-            )
 
         def start_gzip(cache: Path) -> RunningServer:
-            return starter("ours-gzip", cache if has_cache_dir else None)(Path(image.registry_dir))
+            return starter("ours-gzip", cache)(Path(image.registry_dir))
 
         run.add(
             "ours",
