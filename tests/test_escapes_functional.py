@@ -278,11 +278,11 @@ def test_symlink_inside_the_directory_is_served(escapes: Escapes) -> None:
 
 
 LOOP_BUG = pytest.mark.xfail(strict=True, reason=(
-    "resolver._entries catches only FileNotFoundError and NotADirectoryError around "
-    "os.scandir: a name whose directory is a symlink loop (images/loop -> loop) raises "
-    "OSError ELOOP out of list_candidates, and every manifest, blob and tags request for it "
-    "is a 500 UNKNOWN with a traceback in the log; it should be 404 NAME_UNKNOWN (any OSError "
-    "while listing means no candidates there)"))
+    "resolver._entries catches only FileNotFoundError, NotADirectoryError and "
+    "PermissionError around os.scandir: a name whose directory is a symlink loop "
+    "(images/loop -> loop) raises OSError ELOOP out of list_candidates, and every "
+    "manifest, blob and tags request for it is a 500 UNKNOWN with a traceback in the log; "
+    "it should be 404 NAME_UNKNOWN (any OSError while listing means no candidates there)"))
 
 
 @pytest.mark.parametrize("name", ["dangling", "loopfile", pytest.param("loop", marks=LOOP_BUG)])
