@@ -214,8 +214,11 @@ class BlobCache:
     # ------------------------------------------------------------------ archive indexes
 
     def _index_path(self, archive: str, fingerprint: Fingerprint) -> Path:
+        # ctime too, as in the store's own fingerprint: an in-place rewrite of the same size
+        # with its mtime restored (cp -p, touch -r) changes only ctime, and must not be answered
+        # with the old version's member table and manifests.
         key = json.dumps([archive, fingerprint.device, fingerprint.inode, fingerprint.size,
-                          fingerprint.mtime_ns])
+                          fingerprint.mtime_ns, fingerprint.ctime_ns])
         return self.directory / "indexes" / (hashlib.sha256(key.encode()).hexdigest() + ".json")
 
     @contextlib.contextmanager
@@ -230,9 +233,13 @@ class BlobCache:
             if raw.get("version") != _INDEX_VERSION:
                 return None
             members = {str(k): (int(v[0]), int(v[1])) for k, v in raw["members"].items()}
-            small = {str(k): base64.b64decode(v) for k, v in raw["small"].items()}
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            # validate=True: by default b64decode drops what is not base64, so a damaged file
+            # would give other bytes (index.json is not digest-checked) instead of a miss.
+            small = {str(k): base64.b64decode(v, validate=True) for k, v in raw["small"].items()}
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
             return None
+        if any(members.get(name, (0, -1))[1] != len(data) for name, data in small.items()):
+            return None  # the scan checks the same for what it reads (archive.py)
         with self._lock:
             self.stats.index_hits += 1
         return CachedIndex(members, small)
