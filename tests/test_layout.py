@@ -466,7 +466,7 @@ _json = st.recursive(
     max_leaves=20)
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(index=_json, manifest=_json, config=_json)
 def test_any_json_gives_a_layout_or_an_archive_error(index: Any, manifest: Any,
                                                      config: Any) -> None:

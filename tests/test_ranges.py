@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.ranges import ByteRange, parse_range
+
+# No per-example deadline: a slow machine must not fail a test on timing.
+_no_deadline = settings(deadline=None)
 
 
 def unsatisfiable(header: str, size: int) -> RegistryError:
@@ -102,6 +105,7 @@ _headers = (
 )
 
 
+@_no_deadline
 @given(size=st.integers(0, 2**50) | st.integers(0, 2000), header=_headers)
 def test_result_is_none_a_range_inside_the_blob_or_416(size: int, header: str) -> None:
     try:
@@ -118,6 +122,7 @@ def test_result_is_none_a_range_inside_the_blob_or_416(size: int, header: str) -
     assert r.content_range() == f"bytes {r.start}-{r.end}/{size}"
 
 
+@_no_deadline
 @given(size=st.integers(1, 10_000), start=st.integers(0, 20_000), end=st.integers(0, 20_000))
 def test_int_range_semantics(size: int, start: int, end: int) -> None:
     header = f"bytes={start}-{end}"

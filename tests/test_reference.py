@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simple_oci_registry.errors import ErrorCode, RegistryError
@@ -18,6 +18,9 @@ from simple_oci_registry.reference import (
     valid_tag,
     validate_name,
 )
+
+# No per-example deadline: a slow machine must not fail a test on timing.
+_no_deadline = settings(deadline=None)
 
 SHA256 = "sha256:" + "0123456789abcdef" * 4
 SHA512 = "sha512:" + "0123456789abcdef" * 8
@@ -165,6 +168,7 @@ grammar_names = st.lists(_component(), min_size=1, max_size=6).map("/".join).fil
     lambda n: len(n) <= MAX_NAME_LENGTH)
 
 
+@_no_deadline
 @given(st.text(max_size=300) | grammar_names | st.from_regex(r"[a-z0-9./_\-\\*?\[\]%]{0,40}"))
 def test_accepted_names_are_safe_to_join(name: str) -> None:
     if not valid_name(name):
@@ -179,11 +183,13 @@ def test_accepted_names_are_safe_to_join(name: str) -> None:
     assert len(name) <= MAX_NAME_LENGTH
 
 
+@_no_deadline
 @given(grammar_names)
 def test_grammar_names_are_accepted(name: str) -> None:
     assert valid_name(name)
 
 
+@_no_deadline
 @given(st.from_regex(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}", fullmatch=True))
 def test_grammar_tags_are_accepted(tag: str) -> None:
     assert valid_tag(tag)
@@ -191,6 +197,7 @@ def test_grammar_tags_are_accepted(tag: str) -> None:
     assert tag_of_ref_name(f"example.com:5000/team/app:{tag}") == tag
 
 
+@_no_deadline
 @given(st.text(max_size=300))
 def test_random_text_only_raises_registry_errors(text: str) -> None:
     valid_name(text)
@@ -204,6 +211,7 @@ def test_random_text_only_raises_registry_errors(text: str) -> None:
             pass
 
 
+@_no_deadline
 @given(st.sampled_from(["sha256", "sha512", "sha384", "md5", "SHA256"]),
        st.text(alphabet="0123456789abcdefABCDEF", max_size=140))
 def test_parse_digest_exact_lengths(algorithm: str, encoded: str) -> None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from simple_oci_registry.routes import Endpoint, Route, parse_v2_path
+
+# No per-example deadline: a slow machine must not fail a test on timing.
+_no_deadline = settings(deadline=None)
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -73,6 +76,7 @@ _segment = st.sampled_from(["manifests", "blobs", "tags", "list", "uploads", "re
                             "_catalog", "", "app", "a.b", ".."]) | st.text(max_size=10)
 
 
+@_no_deadline
 @given(st.text(max_size=200) | st.lists(_segment, max_size=8).map("/".join))
 def test_parse_never_raises(rest: str) -> None:
     route = parse_v2_path(rest)
@@ -92,6 +96,7 @@ _names = st.lists(st.sampled_from(["manifests", "blobs", "tags", "list", "upload
 _arguments = st.sampled_from(["latest", "1.0", DIGEST, "manifests", "blobs", "list", "tags"])
 
 
+@_no_deadline
 @given(_names, st.sampled_from([Endpoint.MANIFEST, Endpoint.BLOB, Endpoint.REFERRERS]),
        _arguments)
 def test_any_name_round_trips(name: str, endpoint: Endpoint, argument: str) -> None:
