@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import RawTestServer, TestClient
 
+from simple_oci_registry.app import Registry, make_app
+from simple_oci_registry.config import Config
 from tests.images import StandardImages, build_standard_images
 from tests.server import RegistryProcess
 
@@ -71,3 +74,25 @@ def require(tool: str) -> str:
     if path is None:
         pytest.skip(f"{tool} is not installed (.ci/run installs it)")
     return path
+
+
+RegistryClient = Callable[[Config], Awaitable[TestClient]]  # type: ignore[type-arg]
+
+
+@pytest.fixture
+async def registry_client(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],  # type: ignore[type-arg]
+) -> AsyncIterator[RegistryClient]:
+    """In-process clients of ``make_app(config)``, served by aiohttp's low-level server as
+    the CLI serves it; the registry's background tasks run for the test's duration."""
+    registries: list[Registry] = []
+
+    async def make(config: Config) -> TestClient:  # type: ignore[type-arg]
+        registry = make_app(config)
+        await registry.startup()
+        registries.append(registry)
+        return await aiohttp_client(RawTestServer(registry.handle))
+
+    yield make
+    for registry in registries:
+        await registry.cleanup()

@@ -23,8 +23,7 @@ from typing import Any
 
 import bcrypt
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import RawTestServer, TestClient
 
 from simple_oci_registry.app import make_app
 from simple_oci_registry.catalogpage import CatalogPage, pull_host, render_page
@@ -39,6 +38,10 @@ MakeClient = Callable[..., Awaitable[Client]]
 HOST = "registry.example:5000"
 STANDARD_TAGS = ["app:1.0", "app:2.0", "multi:latest", "zipped:1.0", "pair:one", "pair:two",
                  "team:3.1", "team/full:3.1", "bare:v1"]
+
+
+def in_process(config: Config) -> RawTestServer:
+    return RawTestServer(make_app(config).handle)
 
 
 async def get_page(client: Client, host: str = HOST) -> str:
@@ -66,7 +69,7 @@ def test_pull_host(header: str, expected: str) -> None:
 
 async def test_page_lists_repositories_tags_and_pull_commands(
         aiohttp_client: MakeClient, shared_images: StandardImages) -> None:
-    client = await aiohttp_client(make_app(Config(directory=shared_images.root)))
+    client = await aiohttp_client(in_process(Config(directory=shared_images.root)))
     page = await get_page(client)
     for key in STANDARD_TAGS:
         name, tag = key.rsplit(":", 1)
@@ -85,7 +88,7 @@ async def test_page_lists_repositories_tags_and_pull_commands(
 
 async def test_page_headers_and_head(aiohttp_client: MakeClient,
                                      shared_images: StandardImages) -> None:
-    client = await aiohttp_client(make_app(Config(directory=shared_images.root)))
+    client = await aiohttp_client(in_process(Config(directory=shared_images.root)))
     response = await client.get("/")
     csp = response.headers["Content-Security-Policy"]
     assert "default-src 'none'" in csp and "unsafe-inline" not in csp
@@ -96,17 +99,17 @@ async def test_page_headers_and_head(aiohttp_client: MakeClient,
 
 async def test_hostile_host_header_is_not_echoed(aiohttp_client: MakeClient,
                                                  shared_images: StandardImages) -> None:
-    client = await aiohttp_client(make_app(Config(directory=shared_images.root)))
+    client = await aiohttp_client(in_process(Config(directory=shared_images.root)))
     page = await get_page(client, host='x"><img src=y>')
     assert "<img" not in page
     assert "podman pull REGISTRY-HOST/app:1.0" in page
 
 
 async def test_empty_directory_and_problems(aiohttp_client: MakeClient, image_dir: Path) -> None:
-    client = await aiohttp_client(make_app(Config(directory=image_dir)))
+    client = await aiohttp_client(in_process(Config(directory=image_dir)))
     assert "No images yet" in await get_page(client)
     (image_dir / "broken.oci").write_bytes(b"not an archive")
-    client = await aiohttp_client(make_app(Config(directory=image_dir)))
+    client = await aiohttp_client(in_process(Config(directory=image_dir)))
     page = await get_page(client)
     assert "1 problem in the image directory" in page and "simple-oci-registry check" in page
 
@@ -129,9 +132,7 @@ async def test_refresh_storm_builds_once_per_window(
     now = [1000.0]
     page = CatalogPage(Config(directory=standard_images.root, freshness_window=0),
                        clock=lambda: now[0])
-    app = web.Application()
-    app.router.add_get("/", page.handle)
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(RawTestServer(page.handle))
     pages = await asyncio.gather(*(get_page(client) for _ in range(50)))
     assert len(calls) == 1 and len(set(pages)) == 1
     assert calls[0] != threading.get_ident()  # built in a worker thread
@@ -157,7 +158,7 @@ async def test_building_never_blocks_the_event_loop(
         return list_images(*args, **kwargs)
 
     monkeypatch.setattr("simple_oci_registry.catalogpage.list_images", slow)
-    client = await aiohttp_client(make_app(Config(directory=shared_images.root)))
+    client = await aiohttp_client(in_process(Config(directory=shared_images.root)))
     pending = asyncio.ensure_future(client.get("/"))
     await asyncio.sleep(0.1)
     health = await asyncio.wait_for(client.get("/healthz"), 2)
@@ -172,7 +173,7 @@ async def test_page_needs_credentials_when_the_api_does(
     htpasswd = tmp_path / "htpasswd"
     hashed = bcrypt.hashpw(b"secret", bcrypt.gensalt(rounds=4)).decode()
     htpasswd.write_text(f"alice:{hashed}\n")
-    client = await aiohttp_client(make_app(Config(directory=shared_images.root,
+    client = await aiohttp_client(in_process(Config(directory=shared_images.root,
                                                   htpasswd=htpasswd)))
     anonymous = await client.get("/")
     assert anonymous.status == 401 and "Basic" in anonymous.headers["WWW-Authenticate"]

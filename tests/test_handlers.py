@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientResponse
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import RawTestServer, TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -44,7 +44,8 @@ def sha256(data: bytes) -> str:
 
 
 async def client_for(aiohttp_client: MakeClient, directory: Path) -> Client:
-    return await aiohttp_client(make_app(Config(directory=directory, freshness_window=0)))
+    registry = make_app(Config(directory=directory, freshness_window=0))
+    return await aiohttp_client(RawTestServer(registry.handle))
 
 
 @pytest.fixture

@@ -219,7 +219,7 @@ class CatalogPage:
         self._building: asyncio.Future[Listing] | None = None
         self._pages: dict[tuple[str, bool], bytes] = {}
 
-    async def handle(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.BaseRequest) -> web.Response:
         if self._auth is not None:
             # The page lists what /v2/_catalog would: it is protected the same way.
             await self._auth.check(request.headers.get(hdrs.AUTHORIZATION))

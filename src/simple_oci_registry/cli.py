@@ -216,14 +216,16 @@ async def _serve_socket(config: Config, sock: socket.socket) -> None:
     # Imported here so that prometheus-client sees PROMETHEUS_MULTIPROC_DIR set by serve().
     from simple_oci_registry.app import make_app
 
-    app = make_app(config)
-    runner = web.AppRunner(app, handle_signals=False,
-                           access_log=logging.getLogger(ACCESS_LOGGER)
-                           if config.access_log else None,
-                           access_log_class=AccessLogger,
-                           shutdown_timeout=config.shutdown_timeout,
-                           keepalive_timeout=15.0)
+    registry = make_app(config)
+    server = registry.server(
+        access_log=logging.getLogger(ACCESS_LOGGER) if config.access_log else None,
+        access_log_class=AccessLogger, keepalive_timeout=15.0,
+        # Bounds on what a client may send before we answer (documented in README).
+        max_line_size=8190, max_field_size=8190)
+    runner = web.ServerRunner(server, handle_signals=False,
+                              shutdown_timeout=config.shutdown_timeout)
     await runner.setup()
+    await registry.startup()
     tls = ReloadingTLS(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key \
         else None
     site = web.SockSite(runner, sock, ssl_context=tls.context if tls else None, backlog=1024)
@@ -240,6 +242,7 @@ async def _serve_socket(config: Config, sock: socket.socket) -> None:
         watcher.cancel()
     # Stops accepting, lets in-flight transfers finish up to shutdown_timeout, then cancels.
     await runner.cleanup()
+    await registry.cleanup()
 
 
 def _worker(config: Config, port: int) -> None:

@@ -79,7 +79,7 @@ class Handlers:
     def __init__(self, store: ImageStore) -> None:
         self._store = store
 
-    async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest, route: Route) -> web.StreamResponse:
         if route.endpoint is Endpoint.BASE:
             return _json({})
         if route.endpoint is Endpoint.CATALOG:
@@ -97,12 +97,12 @@ class Handlers:
             return await self.referrers(request, name, route.argument)
         raise RegistryError(ErrorCode.NOT_FOUND)
 
-    async def manifest(self, request: web.Request, name: str, reference: str) -> web.Response:
+    async def manifest(self, request: web.BaseRequest, name: str, reference: str) -> web.Response:
         record = await self._store.manifest(name, parse_reference(reference))
         return self._manifest_response(request, record)
 
     @staticmethod
-    def _manifest_response(request: web.Request, record: ManifestRecord) -> web.Response:
+    def _manifest_response(request: web.BaseRequest, record: ManifestRecord) -> web.Response:
         etag = f'"{record.digest}"'
         headers = {
             API_VERSION: API_VERSION_VALUE,
@@ -119,7 +119,8 @@ class Handlers:
             return web.Response(headers=headers)
         return web.Response(body=record.body, headers=headers)
 
-    async def blob(self, request: web.Request, name: str, digest_text: str) -> web.StreamResponse:
+    async def blob(self, request: web.BaseRequest, name: str,
+                   digest_text: str) -> web.StreamResponse:
         digest = parse_digest(digest_text)
         location = await self._store.blob(name, digest)
         etag = f'"{location.digest}"'
@@ -160,7 +161,7 @@ class Handlers:
             reader.close()
 
     @staticmethod
-    def _memory_blob(request: web.Request, location: BlobLocation, status: int,
+    def _memory_blob(request: web.BaseRequest, location: BlobLocation, status: int,
                      headers: CIMultiDict[str], byte_range: Any) -> web.Response:
         body = location.body or b""
         if byte_range is not None:
@@ -170,7 +171,8 @@ class Handlers:
             return web.Response(status=status, headers=headers)
         return web.Response(status=status, body=body, headers=headers)
 
-    async def referrers(self, request: web.Request, name: str, digest_text: str) -> web.Response:
+    async def referrers(self, request: web.BaseRequest, name: str,
+                        digest_text: str) -> web.Response:
         digest = parse_digest(digest_text)
         records = await self._store.referrers(name, digest)
         descriptors = [r.descriptor() for r in records]

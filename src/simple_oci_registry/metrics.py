@@ -73,13 +73,24 @@ class Metrics:
                                        "Blobs evicted from the blob cache", registry=reg)
         self._synced = StoreStats()
         self._synced_cache = CacheStats()
+        # (endpoint, method, status) -> label children. Bounded: endpoint and method come
+        # from fixed sets (unknown methods are refused before counting), status from HTTP.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Counter, Histogram]] = {}
 
     def observe(self, endpoint: str, method: str, status: int, sent: int,
                 seconds: float) -> None:
-        self.requests.labels(endpoint, method, str(status)).inc()
+        """Record one answered request (on the hot path: label lookups are memoised)."""
+        key = (endpoint, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(endpoint, method, str(status)),
+                        self.response_bytes.labels(endpoint), self.duration.labels(endpoint))
+            self._children[key] = children
+        requests, response_bytes, duration = children
+        requests.inc()
         if sent:
-            self.response_bytes.labels(endpoint).inc(sent)
-        self.duration.labels(endpoint).observe(seconds)
+            response_bytes.inc(sent)
+        duration.observe(seconds)
 
     def sync(self, store: ImageStore) -> None:
         """Copy the store's and the blob cache's counters (as deltas) and cache sizes."""

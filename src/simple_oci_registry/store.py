@@ -24,7 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, TypeVar
 
 from simple_oci_registry import mediatypes
@@ -74,6 +74,15 @@ class BlobLocation:
 class _NameView:
     candidates: tuple[Candidate, ...]
     checked_at: float
+    orders: dict[str, list[Candidate]] = field(default_factory=dict)  # tag -> try order
+
+    def ordered(self, tag: str) -> list[Candidate]:
+        order = self.orders.get(tag)
+        if order is None:
+            if len(self.orders) > 1024:  # bounded: tags come from requests
+                self.orders.clear()
+            order = self.orders[tag] = ordered(self.candidates, tag)
+        return order
 
 
 @dataclass(slots=True)
@@ -110,6 +119,7 @@ class ImageStore:
     async def manifest(self, name: str, reference: str | Digest) -> ManifestRecord:
         """The manifest or index ``name:reference`` resolves to."""
         candidates = await self._candidates(name)
+        view = self._views.get(name)
         if isinstance(reference, Digest):
             digest = str(reference)
             for held in await self._layouts_of(candidates):
@@ -117,7 +127,9 @@ class ImageStore:
                 if record is not None:
                     return record
         else:
-            for candidate in ordered(candidates, reference):
+            order = view.ordered(reference) if view is not None else ordered(candidates,
+                                                                              reference)
+            for candidate in order:
                 layout = await self._layout(candidate)
                 if layout is None:
                     continue
