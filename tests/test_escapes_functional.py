@@ -96,9 +96,11 @@ def escapes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Escapes]:
     (root / "dangling.oci").symlink_to(base / "nothing-here.oci")
     (root / "loop").symlink_to("loop")
     (root / "loopfile.oci").symlink_to("loopfile.oci")
-    default = RegistryProcess(root, log_path=base / "default.log").start()
+    default = RegistryProcess(root, "--cache-dir", str(base / "cache-default"),
+                              log_path=base / "default.log").start()
     try:
         allowing = RegistryProcess(root, "--allow-outside-symlinks",
+                                   "--cache-dir", str(base / "cache-allowing"),
                                    log_path=base / "allowing.log").start()
     except BaseException:
         default.stop()

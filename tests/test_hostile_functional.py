@@ -43,7 +43,8 @@ def hostile_registry(tmp_path_factory: pytest.TempPathFactory
     base = tmp_path_factory.mktemp("hostile")
     images = build_standard_images(base / "images")
     write_hostile(images.root)
-    with RegistryProcess(images.root, log_path=base / "registry.log") as process:
+    with RegistryProcess(images.root, "--cache-dir", str(base / "cache"),
+                         log_path=base / "registry.log") as process:
         yield process, images
 
 
@@ -122,7 +123,7 @@ def test_broken_copies_beside_a_good_one(image_dir: Path,
     broken = [c for c in CASES if not c.servable and c.kind == "file"][:12]
     for case in broken:
         case.build(image_dir / "mixed" / f"{case.key}.oci")
-    process = start_registry(image_dir)
+    process = start_registry(image_dir, "--cache-dir", str(image_dir.parent / "cache"))
     pulled = pull(process.url, "mixed", "1.0")
     assert pulled.manifests == [good.manifest_digest]
     assert pulled.blobs == [good.config_digest, good.layer_digest]
@@ -143,7 +144,8 @@ def test_a_repaired_archive_is_served(image_dir: Path,
     target = image_dir / "fixme" / "1.0.oci"
     case = next(c for c in CASES if c.key == "truncated-mid-blob")
     case.build(target)
-    process = start_registry(image_dir, "--freshness-window", "0")
+    process = start_registry(image_dir, "--freshness-window", "0",
+                             "--cache-dir", str(image_dir.parent / "cache"))
     first = fetch(process.url, "/v2/fixme/manifests/1.0")
     assert first.status == 404 and error_codes(first) == ["MANIFEST_UNKNOWN"]
     good = base_image("fixme-good")
@@ -164,7 +166,7 @@ def test_fifo_named_like_an_archive(image_dir: Path, tmp_path: Path,
     fifo = image_dir / "pipe" / "1.0.oci"
     fifo.parent.mkdir()
     os.mkfifo(fifo)
-    process = start_registry(image_dir)
+    process = start_registry(image_dir, "--cache-dir", str(image_dir.parent / "cache"))
     try:
         reply = fetch(process.url, "/v2/pipe/manifests/1.0", timeout=5)
         assert reply.status == 404 and error_codes(reply) == ["MANIFEST_UNKNOWN"]
