@@ -405,6 +405,50 @@ def test_negative_size_cannot_loop_back(tmp_path: Path) -> None:
         open_archive(str(path))
 
 
+@pytest.mark.parametrize("kind", [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME,
+                                  tarfile.GNUTYPE_LONGLINK])
+def test_huge_extended_header_is_refused_before_it_is_read(tmp_path: Path, kind: bytes) -> None:
+    # tarfile reads pax records and GNU long names into memory whole: a header claiming
+    # gigabytes in a sparse file (no disk used) would allocate them (256 MiB here, so that a
+    # regression fails this test rather than the machine).
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = kind
+    header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    header[124:136] = b"%011o\0" % (256 << 20)
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    path = tmp_path / "a.oci"
+    with open(path, "wb") as f:
+        f.write(header)
+        f.truncate(512 + (256 << 20) + 1024)  # a hole: reads as zeros
+    with pytest.raises(ArchiveError, match="extended header"):
+        open_archive(str(path))
+    gz = tmp_path / "b.oci"
+    gz.write_bytes(gzip.compress(bytes(header) + bytes(1 << 20)))
+    with pytest.raises(ArchiveError):
+        open_archive(str(gz))
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_pax_and_gnu_long_names_are_read(tmp_path: Path, compression: str) -> None:
+    # sha512 member names are 141 characters: pax records or GNU long names carry them.
+    long_name = "blobs/sha512/" + "ab" * 64
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+            for name, data in (("./index.json", b"{}"), ("./" + long_name, b"blob")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.pax_headers = {"comment": "x" * 2000}
+                tf.addfile(info, io.BytesIO(data))
+        data = buf.getvalue()
+        path = tmp_path / f"{fmt}.oci"
+        path.write_bytes(gzip.compress(data) if compression == "gzip" else data)
+        archive = open_archive(str(path))
+        assert set(archive.members) == {"index.json", long_name}
+        assert archive.read_member(long_name, 100) == b"blob"
+
+
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
 def test_links_are_refused(tmp_path: Path, kind: bytes) -> None:
     name = "blobs/sha256/" + HEX

@@ -221,6 +221,23 @@ def _collect(
     return members
 
 
+# Pax records and GNU long names of real archives are a few hundred bytes; tarfile reads such
+# header data into memory whole, so a header claiming gigabytes (a sparse file costs no disk)
+# would allocate them before any member is seen.
+_MAX_HEADER_DATA: Final = 1 << 20
+_HEADER_DATA_TYPES: Final = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK,
+                                       tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE})
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """A TarInfo that refuses oversized header data before tarfile reads it."""
+
+    def _proc_member(self, owner: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _HEADER_DATA_TYPES and not 0 <= self.size <= _MAX_HEADER_DATA:
+            raise ArchiveError(f"a {self.size}-byte extended header (over {_MAX_HEADER_DATA})")
+        return super()._proc_member(owner)  # type: ignore[misc,no-any-return]
+
+
 def _check_extent(info: tarfile.TarInfo, end: int, what: str) -> None:
     """Refuse a member whose data cannot lie between its header and ``end``."""
     if info.size < 0:
@@ -304,7 +321,7 @@ class TarArchive(Archive):
             fingerprint = Fingerprint.of_fd(f.fileno())
             entries: list[tuple[tarfile.TarInfo, str]] = []
             try:
-                with tarfile.open(fileobj=f, mode="r:") as tf:
+                with tarfile.open(fileobj=f, mode="r:", tarinfo=_GuardedTarInfo) as tf:
                     for info in tf:
                         # A header may announce more bytes than the file holds (truncated
                         # copy, lying size), or a negative size (GNU base-256), which makes
@@ -474,7 +491,8 @@ class CompressedTarArchive(Archive):
             try:
                 with _decompressor(kind, raw) as stream:
                     bounded = io.BufferedReader(_BoundedReader(stream, budget), _CHUNK)
-                    with tarfile.open(fileobj=bounded, mode="r|") as tf:
+                    with tarfile.open(fileobj=bounded, mode="r|",
+                                      tarinfo=_GuardedTarInfo) as tf:
                         for info in tf:
                             # Checked before tarfile skips the data: an enormous size would
                             # have it read an empty stream block by block for ages.
