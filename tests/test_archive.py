@@ -494,6 +494,18 @@ def test_too_many_members(tmp_path: Path) -> None:
         open_archive(str(path), ArchiveLimits(max_members=5))
 
 
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_too_many_entries_of_any_kind(tmp_path: Path, compression: str) -> None:
+    # Entries outside the layout are ignored, but each costs tarfile a TarInfo: they count.
+    data = tar_bytes([regular("index.json", b"{}"),
+                      *(regular(f"junk/{i}", b"") for i in range(10))])
+    path = tmp_path / "a.oci"
+    path.write_bytes(gzip.compress(data) if compression == "gzip" else data)
+    assert set(open_archive(str(path), ArchiveLimits(max_members=11)).members) == {"index.json"}
+    with pytest.raises(ArchiveError, match="more than 10"):
+        open_archive(str(path), ArchiveLimits(max_members=10))
+
+
 @pytest.mark.parametrize("content", [
     b"", b"hello", b"x" * 4096, b"\x1f", b"\x28\xb5\x2f", bytes(1024), b"PK\x03\x04" + bytes(600),
 ])

@@ -70,7 +70,7 @@ class ArchiveKind(enum.Enum):
 class ArchiveLimits:
     """Bounds that keep a hostile archive from exhausting memory or CPU."""
 
-    max_members: int = 200_000
+    max_members: int = 200_000  # tar headers of any kind (directories, other files too)
     small_member_bytes: int = 4 << 20  # manifests, configs, index.json (distribution caps at 4 MiB)
     max_small_total: int = 256 << 20  # small members a compressed archive may keep in memory
     max_expansion: int = 100  # decompressed bytes per compressed byte (gzip/zstd bombs)
@@ -246,6 +246,13 @@ def _check_extent(info: tarfile.TarInfo, end: int, what: str) -> None:
         raise ArchiveError(f"{info.name} extends past {what}")
 
 
+def _check_count(count: int, limits: ArchiveLimits) -> None:
+    # Every header counts, not only layout members: tarfile keeps a TarInfo for each one, so
+    # millions of empty entries under other names would fill memory just as well.
+    if count > limits.max_members:
+        raise ArchiveError(f"more than {limits.max_members} members")
+
+
 def _type_name(info: tarfile.TarInfo) -> str:
     if info.issym():
         return "symbolic link"
@@ -322,16 +329,15 @@ class TarArchive(Archive):
             entries: list[tuple[tarfile.TarInfo, str]] = []
             try:
                 with tarfile.open(fileobj=f, mode="r:", tarinfo=_GuardedTarInfo) as tf:
-                    for info in tf:
+                    for count, info in enumerate(tf, 1):
                         # A header may announce more bytes than the file holds (truncated
                         # copy, lying size), or a negative size (GNU base-256), which makes
                         # tarfile seek backwards, possibly onto an earlier header forever.
                         _check_extent(info, fingerprint.size, "the end of the file (truncated?)")
+                        _check_count(count, limits)
                         name = _normalise(info.name)
                         if name is not None:
                             entries.append((info, name))
-                        if len(entries) > limits.max_members:
-                            raise ArchiveError(f"more than {limits.max_members} members")
             except (tarfile.TarError, EOFError) as exc:
                 raise ArchiveError(f"unreadable tar: {exc}") from exc
         return cls(path, fingerprint, _collect(entries, limits))
@@ -493,17 +499,16 @@ class CompressedTarArchive(Archive):
                     bounded = io.BufferedReader(_BoundedReader(stream, budget), _CHUNK)
                     with tarfile.open(fileobj=bounded, mode="r|",
                                       tarinfo=_GuardedTarInfo) as tf:
-                        for info in tf:
+                        for count, info in enumerate(tf, 1):
                             # Checked before tarfile skips the data: an enormous size would
                             # have it read an empty stream block by block for ages.
                             _check_extent(info, budget,
                                           "the expansion limit (compression bomb?)")
+                            _check_count(count, limits)
                             name = _normalise(info.name)
                             if name is None:
                                 continue
                             entries.append((info, name))
-                            if len(entries) > limits.max_members:
-                                raise ArchiveError(f"more than {limits.max_members} members")
                             if not info.isreg():
                                 continue
                             if info.size <= limits.small_member_bytes:
