@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -236,9 +237,12 @@ def gzip_pulls(
     for rep in range(reps):
         cache = cache_root / f"cache-{rep}-{time.monotonic_ns()}"
         cache.mkdir(parents=True)
-        with start(cache) as server:
-            _pull(server.port, name, tag, layer_digest, "gzip_first", out)
-            _pull(server.port, name, tag, layer_digest, "gzip_second", out)
+        try:
+            with start(cache) as server:
+                _pull(server.port, name, tag, layer_digest, "gzip_first", out)
+                _pull(server.port, name, tag, layer_digest, "gzip_second", out)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)  # a decompressed copy of the archive
     return out
 
 

@@ -335,6 +335,7 @@ def _execute(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]
     plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
     wanted = args.servers.split(",")
     run = _Run(plan, work, args.workers)
+    shutil.rmtree(work / "scratch", ignore_errors=True)  # logs and caches of an earlier run
     started = time.time()
     _log(f"mode {plan.mode}: building fixtures in {work}")
     image = build_image(work, plan.layer_bytes)
