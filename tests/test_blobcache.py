@@ -123,17 +123,41 @@ def test_least_recently_used_blobs_are_evicted_first(tmp_path: Path) -> None:
         # Explicit mtimes (LRU order is mtime order): blob 0 oldest, blob 2 newest.
         stamp = 1_000_000_000 + age * 1000
         os.utime(cache.path(digest), (stamp, stamp))
-    # Reading blob 0 makes it the most recently used.
-    file = cache.open(digests[0], 1000)
-    assert file is not None
-    file.close()
+    # Reading blob 0 makes it the most recently used. Blob 1 was read long ago (its use
+    # stamp, set back here, is older than blob 2's write).
+    for digest in digests[1], digests[0]:
+        file = cache.open(digest, 1000)
+        assert file is not None
+        file.close()
+    stamp = cache.directory / "used" / "sha256" / digests[1].split(":", 1)[1]
+    os.utime(stamp, (1_000_000_500, 1_000_000_500))
     # Blob 3 takes the cache past max_bytes: the least recently used one (1) goes.
     assert cache.store(digests[3], 1000, [blobs[3]])
     assert [cache.contains(d, 1000) for d in digests] == [True, False, True, True]
     assert cache.stats.evictions == 1
+    assert not stamp.exists()  # the use stamp goes with the blob
     # An explicit pass with room to spare removes nothing more.
     cache.evict()
     assert cache.stats.evictions == 1
+
+
+def test_a_hit_leaves_the_blob_file_untouched(cache: BlobCache) -> None:
+    # Transfers from a cached file check its stat fingerprint between chunks: a hit by
+    # another request must not change it (it did, via utime, and aborted those transfers).
+    data = b"shared layer" * 1000
+    digest = digest_of(data)
+    assert cache.store(digest, len(data), [data])
+    first = cache.open(digest, len(data))
+    assert first is not None
+    with first:
+        before = os.fstat(first.fileno())
+        for _ in range(3):
+            again = cache.open(digest, len(data))
+            assert again is not None
+            again.close()
+        after = os.fstat(first.fileno())
+    assert (after.st_mtime_ns, after.st_ctime_ns) == (before.st_mtime_ns, before.st_ctime_ns)
+    assert cache.stats.hits == 4
 
 
 def test_evicted_blob_still_open_stays_readable(tmp_path: Path) -> None:

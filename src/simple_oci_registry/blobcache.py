@@ -72,7 +72,7 @@ class BlobCache:
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._since_evict = 0
-        for sub in ("blobs", "tmp", "indexes", "locks"):
+        for sub in ("blobs", "tmp", "indexes", "locks", "used"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
         # Leftovers of a crash mid-write: never final, safe to drop.
         for leftover in (directory / "tmp").iterdir():
@@ -114,11 +114,39 @@ class BlobCache:
         if os.fstat(file.fileno()).st_size != size:
             file.close()
             return None
-        with contextlib.suppress(OSError):
-            os.utime(file.fileno())  # LRU order is the mtime order
+        self._mark_used(digest)
         with self._lock:
             self.stats.hits += 1
         return file
+
+    def _used_path(self, digest: str) -> Path:
+        algorithm, _, encoded = digest.partition(":")
+        return self.directory / "used" / algorithm / encoded
+
+    def _mark_used(self, digest: str) -> None:
+        """Stamp the blob as just used, on a file beside it (LRU order is this mtime order).
+
+        Never on the blob itself: touching it changes its ctime (and mtime), which every
+        transfer in flight from that file checks between chunks (archive._FdReader), so each
+        hit aborted the other downloads of the same blob that were under way.
+        """
+        used = self._used_path(digest)
+        try:
+            used.touch()
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                used.parent.mkdir(parents=True, exist_ok=True)
+                used.touch()
+        except OSError:
+            pass
+
+    def _last_used_ns(self, path: Path, st: os.stat_result) -> int:
+        """The later of the blob's write and its last use."""
+        try:
+            used = (self.directory / "used" / path.parent.name / path.name).stat().st_mtime_ns
+        except OSError:
+            return st.st_mtime_ns
+        return max(st.st_mtime_ns, used)
 
     def contains(self, digest: str, size: int) -> bool:
         try:
@@ -199,7 +227,7 @@ class BlobCache:
                 st = path.stat()
             except OSError:
                 continue
-            entries.append((st.st_mtime_ns, st.st_size, path))
+            entries.append((self._last_used_ns(path, st), st.st_size, path))
             total += st.st_size
         entries.sort()
         for _mtime, size, path in entries:
@@ -210,6 +238,8 @@ class BlobCache:
                 total -= size
                 with self._lock:
                     self.stats.evictions += 1
+            with contextlib.suppress(OSError):
+                (self.directory / "used" / path.parent.name / path.name).unlink()
 
     # ------------------------------------------------------------------ archive indexes
 
