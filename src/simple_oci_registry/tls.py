@@ -3,13 +3,24 @@
 cert-manager and similar tools replace the Secret's files in place; the context is re-loaded
 when either file's stat fingerprint changes, and new handshakes use the new certificate while
 established connections keep theirs. A bad new pair is logged and the old one kept.
+
+Why a new pair is first loaded into a throwaway context: OpenSSL installs the new certificate
+before it reads the key, and on a key mismatch it drops the key and keeps the new certificate,
+so a failed ``load_cert_chain`` on the live context would leave it with no usable pair and fail
+every later handshake. Probe and live load read the same bytes (anonymous memory files), so
+a rotation between the two reads cannot slip an unchecked pair in. The live context is changed
+on the event loop's thread only, because handshakes (SSL_new) copy its certificate without a
+lock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -42,11 +53,29 @@ class ReloadingTLS:
 
     def reload_if_changed(self) -> bool:
         """Re-load the chain if the files changed; True when a new certificate is in use."""
+        pending = self._read_if_changed()
+        return pending is not None and self._apply(*pending)
+
+    def _read_if_changed(self) -> tuple[tuple[Fingerprint | None, Fingerprint | None],
+                                         bytes, bytes] | None:
+        """The files' fingerprints and contents when they changed (blocking file access)."""
         seen = self._fingerprints()
         if seen == self._seen or None in seen:
-            return False
+            return None
         try:
-            self.context.load_cert_chain(self._cert, self._key)
+            return seen, self._cert.read_bytes(), self._key.read_bytes()
+        except OSError as exc:
+            log.warning("not reloading TLS certificate %s: %s", self._cert, exc)
+            return None
+
+    def _apply(self, seen: tuple[Fingerprint | None, Fingerprint | None], cert: bytes,
+               key: bytes) -> bool:
+        try:
+            with _memory_file(cert) as cert_path, _memory_file(key) as key_path:
+                # Probe first (see the module docstring): a failed load on the live context
+                # would leave it with the new certificate and no key.
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path)
+                self.context.load_cert_chain(cert_path, key_path)
         except (ssl.SSLError, OSError) as exc:
             # Mid-rotation the key may not match the certificate yet: retry at the next poll.
             log.warning("not reloading TLS certificate %s: %s", self._cert, exc)
@@ -58,4 +87,18 @@ class ReloadingTLS:
     async def watch(self, interval: float = POLL_SECONDS) -> None:
         while True:
             await asyncio.sleep(interval)
-            await asyncio.to_thread(self.reload_if_changed)
+            pending = await asyncio.to_thread(self._read_if_changed)
+            if pending is not None:
+                self._apply(*pending)  # on the loop's thread: handshakes read the context
+
+
+@contextlib.contextmanager
+def _memory_file(data: bytes) -> Iterator[str]:
+    """A path to ``data`` in an anonymous memory file (no key material written to disk)."""
+    fd = os.memfd_create("simple-oci-registry-tls", os.MFD_CLOEXEC)
+    try:
+        with open(fd, "wb", closefd=False) as file:
+            file.write(data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
