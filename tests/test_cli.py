@@ -228,14 +228,9 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.startswith("simple-oci-registry ")
 
 
-# --------------------------------------------------------------------------- known bugs
+# --------------------------------------------------------------------------- env validation
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli._add passes the SOR_* value as the argparse default; argparse converts a string "
-    "default with `type` but never checks it against `choices`, so SOR_LOG_LEVEL=verbose (or "
-    "SOR_LOG_FORMAT=xml) is accepted and only fails later (logging's setLevel raises "
-    "ValueError at start-up) instead of a usage error with exit status 2"))
 @pytest.mark.parametrize(("name", "value"), [("SOR_LOG_LEVEL", "verbose"),
                                              ("SOR_LOG_FORMAT", "xml")])
 def test_env_values_are_checked_against_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -245,22 +240,27 @@ def test_env_values_are_checked_against_choices(tmp_path: Path, monkeypatch: pyt
     assert "invalid choice" in usage_error(capsys, "--dir", str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, raises=argparse.ArgumentTypeError, reason=(
-    "cli._add_bool calls _bool(env value) while building the parser, outside argparse: an "
-    "unrecognised SOR_ACCESS_LOG / SOR_ALLOW_OUTSIDE_SYMLINKS / SOR_JSON value escapes as an "
-    "ArgumentTypeError traceback (even for --help) instead of a usage error with exit 2"))
 def test_bad_boolean_env_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("SOR_ACCESS_LOG", "maybe")
     assert "maybe" in usage_error(capsys, "--dir", str(tmp_path))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli._non_negative(float) accepts 'nan' (nan < 0 is False): --rescan-interval nan "
-    "schedules asyncio.sleep(nan) and --freshness-window nan silently means 0; a number "
-    "that is not finite should be a usage error"))
 @pytest.mark.parametrize("flag", ["--rescan-interval", "--freshness-window",
                                   "--shutdown-timeout"])
 def test_nan_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                               flag: str) -> None:
     usage_error(capsys, "--dir", str(tmp_path), flag, "nan")
+
+
+@pytest.mark.parametrize(("cpu_max", "expected_cap"), [
+    ("max 100000\n", None), ("150000 100000\n", 2), ("50000 100000\n", 1), ("garbage", None),
+])
+def test_default_workers_follow_affinity_and_cgroup_quota(
+        tmp_path: Path, cpu_max: str, expected_cap: int | None) -> None:
+    quota_file = tmp_path / "cpu.max"
+    quota_file.write_text(cpu_max)
+    available = len(os.sched_getaffinity(0))
+    expected = available if expected_cap is None else min(available, expected_cap)
+    assert cli.default_workers(str(quota_file)) == expected
+    assert cli.default_workers(str(tmp_path / "missing")) == available

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from simple_oci_registry import mediatypes
-from simple_oci_registry.archive import StaleArchiveError, open_archive
+from simple_oci_registry.archive import open_archive
 from simple_oci_registry.config import Config
 from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.layoutwriter import MEDIA_TYPE_OCI_INDEX, LayoutWriter
@@ -349,12 +349,6 @@ async def test_digest_argument_type(images: StandardImages) -> None:
     assert record.digest == images.manifests["app:1.0"]
 
 
-@pytest.mark.xfail(strict=True, raises=StaleArchiveError, reason=(
-    "store.blob() verifies a member with _intact() -> _hash_member() -> archive.open_member(), "
-    "which raises StaleArchiveError when the archive file was replaced after indexing; blob() "
-    "does not catch it (only open_blob() re-resolves), so within the freshness window a pull "
-    "of a not-yet-verified blob right after an archive is replaced escapes as a 500 UNKNOWN "
-    "instead of re-listing the name and serving the blob from the new file"))
 async def test_blob_located_in_an_archive_replaced_within_the_window(image_dir: Path) -> None:
     now = [0.0]
     path = image_dir / "app" / "1.0.oci"

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -54,6 +56,20 @@ T = TypeVar("T")
 
 def _env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def default_workers(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """One worker per CPU this process may use: its affinity mask, capped by a cgroup v2 CPU
+    quota. In a pod os.cpu_count() is the whole node's count (64 workers on a 64-core node
+    under a 2-CPU limit would each hold their own caches and starve each other)."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open(cgroup_cpu_max).read().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def listen_arg(value: str) -> tuple[str, int]:
@@ -89,6 +105,9 @@ def _non_negative(kind: Callable[[str], T]) -> Callable[[str], T]:
             number = kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+        if isinstance(number, float) and not math.isfinite(number):
+            # NaN passes every comparison, so "< 0" alone would let it through.
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
         if number < 0:  # type: ignore[operator]
             raise argparse.ArgumentTypeError(f"must not be negative, got {value!r}")
         return number
@@ -104,24 +123,57 @@ def _bool(value: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class _InvalidEnv:
+    """An environment value that failed validation; reported as a usage error after parsing
+    (argparse neither checks ``choices`` on defaults nor lets a default fail politely)."""
+
+    message: str
+
+
 def _add(parser: argparse.ArgumentParser, flag: str, *, default: Any, help: str,
          **kwargs: Any) -> None:
     """Add a flag whose default comes from its ``SOR_*`` environment twin when set."""
     env = _env_name(flag)
-    parser.add_argument(flag, default=os.environ.get(env, default),
+    value: Any = os.environ.get(env, default)
+    choices = kwargs.get("choices")
+    if env in os.environ and choices is not None:
+        converted = kwargs.get("type", str)(value)
+        if converted not in choices:
+            value = _InvalidEnv(f"{env}: invalid choice {value!r} (choose from "
+                                f"{', '.join(map(str, choices))})")
+    parser.add_argument(flag, default=value,
                         help=f"{help} [env {env}; default: %(default)s]", **kwargs)
 
 
 def _add_bool(parser: argparse.ArgumentParser, flag: str, *, default: bool, help: str) -> None:
     env = _env_name(flag)
     env_value = os.environ.get(env)
-    parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                        default=_bool(env_value) if env_value is not None else default,
+    value: bool | _InvalidEnv = default
+    if env_value is not None:
+        try:
+            value = _bool(env_value)
+        except argparse.ArgumentTypeError as exc:
+            value = _InvalidEnv(f"{env}: {exc}")
+    parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value,
                         help=f"{help} [env {env}; default: %(default)s]")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Reports environment values that failed validation as usage errors (exit status 2)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        for value in vars(parsed).values():
+            if isinstance(value, _InvalidEnv):
+                self.error(value.message)
+        return parsed, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="simple-oci-registry",
         description="A read-only OCI registry serving images straight from .oci archives.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -131,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="the image directory")
     _add(serve, "--listen", default=DEFAULTS.listen, type=listen_arg,
          help="address to listen on, HOST:PORT (port 0 picks a free port)")
-    _add(serve, "--workers", default=os.cpu_count() or 1, type=_non_negative(int),
+    _add(serve, "--workers", default=default_workers(), type=_non_negative(int),
          help="worker processes sharing the port (SO_REUSEPORT)")
     _add(serve, "--rescan-interval", default=DEFAULTS.rescan_interval,
          type=_non_negative(float), help="seconds between full rescans of known names")

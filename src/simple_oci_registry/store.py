@@ -140,7 +140,25 @@ class ImageStore:
                                                                         str(reference)))
 
     async def blob(self, name: str, digest: Digest) -> BlobLocation:
-        """Locate a blob reachable from one of the name's archives."""
+        """Locate a blob reachable from one of the name's archives.
+
+        Locating verifies the member, which reads the archive: if the file was replaced or
+        vanished since it was listed (within the freshness window, or ESTALE/EIO from NFS),
+        the name is listed again and the lookup retried once rather than failing.
+        """
+        for attempt in range(2):
+            try:
+                return await self._locate_blob(name, digest)
+            except (StaleArchiveError, OSError) as exc:
+                log.info("re-resolving %s@%s: %s", name, digest, exc)
+                self._views.pop(name, None)
+                if attempt:
+                    raise RegistryError(ErrorCode.BLOB_UNKNOWN, {
+                        "digest": str(digest), "reason": "archive changed while reading"},
+                    ) from None
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _locate_blob(self, name: str, digest: Digest) -> BlobLocation:
         key = str(digest)
         candidates = await self._candidates(name)
         detail: dict[str, str] = {"digest": key}
