@@ -234,3 +234,12 @@ def test_catalog_and_candidates_agree(tree: list[tuple[list[str], str]]) -> None
         for name in names:
             if valid_name(name) and list_candidates(root, name):
                 assert name in catalog, f"{name} has archives but is not listed"
+
+
+def test_walk_names_survives_a_symlink_loop_when_following_links(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    (root / "team").mkdir(parents=True)
+    (root / "team" / "app.oci").write_bytes(b"")
+    (root / "team" / "loop").symlink_to(root)  # a link back to an ancestor
+    names = walk_names(str(root), allow_outside=True)
+    assert "team" in names and "team/app" in names

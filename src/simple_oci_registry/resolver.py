@@ -150,7 +150,19 @@ def walk_names(root: str, *, allow_outside: bool = False) -> list[str]:
     :func:`list_candidates` skips them.
     """
     names: set[str] = set()
+    seen: set[tuple[int, int]] = set()  # directories visited, by (device, inode)
     for directory, dirnames, filenames in os.walk(root, followlinks=allow_outside):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            # Following symlinks (--allow-outside-symlinks), a link to an ancestor would make
+            # the walk endless; each directory is listed once.
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.endswith(SUFFIX)]
         rel_dir = os.path.relpath(directory, root)
         rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
