@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import logging
 import time
@@ -83,7 +82,7 @@ class BasicAuth:
             raise self.challenge("credentials required")
         try:
             decoded = base64.b64decode(header[6:].strip(), validate=True).decode()
-        except (binascii.Error, UnicodeDecodeError):
+        except ValueError:  # binascii.Error, UnicodeDecodeError, and non-ASCII text (a 500)
             raise self.challenge("malformed credentials") from None
         user, _, password = decoded.partition(":")
         now = time.monotonic()
@@ -96,10 +95,28 @@ class BasicAuth:
         key = hashlib.sha256(hashed + b"\0" + password.encode()).digest()
         if self._remembered.get(key, 0.0) > now:
             return user
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode(), hashed)
+        ok = await asyncio.to_thread(_checkpw, user, password.encode(), hashed)
         if not ok:
             raise self.challenge("unknown user or wrong password")
         if len(self._remembered) >= _MAX_REMEMBERED:
             self._remembered.clear()
         self._remembered[key] = now + _REMEMBER_SECONDS
         return user
+
+
+_BCRYPT_MAX_PASSWORD: Final = 72
+
+
+def _checkpw(user: str, password: bytes, hashed: bytes) -> bool:
+    """bcrypt.checkpw, answering False where bcrypt >= 5 raises ValueError.
+
+    bcrypt hashes only the first 72 bytes of a password, and ``htpasswd -B`` makes hashes of
+    longer ones that way; bcrypt 5 refuses longer passwords instead, so without the cut such a
+    user (or any client sending a long password) got a 500. A line whose hash is not valid
+    bcrypt ("Invalid salt") is a wrong password too, with a warning for the operator.
+    """
+    try:
+        return bcrypt.checkpw(password[:_BCRYPT_MAX_PASSWORD], hashed)
+    except ValueError as exc:
+        log.warning("htpasswd entry of user %r is not a usable bcrypt hash: %s", user, exc)
+        return False
