@@ -31,6 +31,7 @@ from simple_oci_registry.store import ImageStore, StoreStats
 __all__ = ["MULTIPROC_ENV", "Metrics"]
 
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
                    10, 30, 60, 300)
 
@@ -73,13 +74,19 @@ class Metrics:
                                        "Blobs evicted from the blob cache", registry=reg)
         self._synced = StoreStats()
         self._synced_cache = CacheStats()
-        # (endpoint, method, status) -> label children. Bounded: endpoint and method come
-        # from fixed sets (unknown methods are refused before counting), status from HTTP.
+        # (endpoint, method, status) -> label children. Bounded: endpoint comes from a fixed
+        # set, method is folded onto one (see observe), status from HTTP.
         self._children: dict[tuple[str, str, int], tuple[Counter, Counter, Histogram]] = {}
 
     def observe(self, endpoint: str, method: str, status: int, sent: int,
                 seconds: float) -> None:
         """Record one answered request (on the hot path: label lookups are memoised)."""
+        # Methods other than these are answered (405/404) and counted like the rest. aiohttp's
+        # C parser knows ~40 methods (WebDAV and others), its pure-Python parser (no C
+        # extension, AIOHTTP_NO_EXTENSIONS) takes any token: as labels they would add series
+        # for good (and children here), up to without bound. One label value bounds it.
+        if method not in _METHODS:
+            method = "other"
         key = (endpoint, method, status)
         children = self._children.get(key)
         if children is None:

@@ -1,0 +1,310 @@
+"""Prometheus metrics: what /metrics reports for the requests made, in process and across the
+worker processes of a real server (prometheus-client's multiprocess mode)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import http.client
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import RawTestServer, TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from simple_oci_registry.app import Registry, make_app
+from simple_oci_registry.config import Config
+from simple_oci_registry.store import ImageStore
+from tests.images import StandardImages, build_standard_images
+from tests.server import RegistryProcess
+
+Client = TestClient[Any, Any]
+MakeClient = Callable[..., Awaitable[Client]]
+Labels = tuple[str, str, str]  # endpoint, method, status
+POLL_LIMIT = 30.0
+
+
+def parse(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample by (name, labels)."""
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+          **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def request_counts(text: str) -> collections.Counter[Labels]:
+    counts: collections.Counter[Labels] = collections.Counter()
+    for (name, labels), count in parse(text).items():
+        if name == "registry_http_requests_total":
+            found = dict(labels)
+            counts[(found["endpoint"], found["method"], found["status"])] += int(count)
+    return counts
+
+
+async def scrape(client: Client) -> str:
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return await response.text()
+
+
+async def serve(aiohttp_client: MakeClient, directory: Path) -> tuple[Client, Registry]:
+    registry = make_app(Config(directory=directory, freshness_window=0))
+    return await aiohttp_client(RawTestServer(registry.handle)), registry
+
+
+# ------------------------------------------------------------------------------ in process
+
+
+async def test_every_request_is_counted_once(aiohttp_client: MakeClient,
+                                             shared_images: StandardImages,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _ = await serve(aiohttp_client, shared_images.root)
+    layer = shared_images.layers["app:1.0"][0]
+
+    async def broken_tags(self: ImageStore, name: str) -> list[str]:
+        raise RuntimeError("a bug in the store")
+
+    monkeypatch.setattr(ImageStore, "tags", broken_tags)
+    made: list[tuple[str, str, dict[str, str], Labels]] = [
+        ("GET", "/v2/", {}, ("base", "GET", "200")),
+        ("HEAD", "/v2", {}, ("base", "HEAD", "200")),
+        ("GET", "/v2/app/manifests/1.0", {}, ("manifest", "GET", "200")),
+        ("HEAD", "/v2/app/manifests/1.0", {}, ("manifest", "HEAD", "200")),
+        ("GET", "/v2/app/manifests/9.9", {}, ("manifest", "GET", "404")),
+        ("GET", "/v2/App/manifests/1.0", {}, ("manifest", "GET", "400")),
+        ("DELETE", "/v2/app/manifests/1.0", {}, ("manifest", "DELETE", "405")),
+        ("PUT", "/v2/app/manifests/1.0", {}, ("manifest", "PUT", "405")),
+        ("POST", "/v2/app/blobs/uploads/", {}, ("upload", "POST", "405")),
+        ("GET", f"/v2/app/blobs/{layer}", {}, ("blob", "GET", "200")),
+        ("GET", f"/v2/app/blobs/{layer}", {"Range": "bytes=0-9"}, ("blob", "GET", "206")),
+        ("GET", f"/v2/app/blobs/{layer}", {"Range": "bytes=99999-"}, ("blob", "GET", "416")),
+        ("GET", "/v2/app/blobs/sha256:" + "0" * 64, {}, ("blob", "GET", "404")),
+        ("GET", "/v2/app/blobs/sha256:zz", {}, ("blob", "GET", "400")),
+        ("GET", "/v2/app/tags/list", {}, ("tags", "GET", "500")),
+        ("GET", "/v2/app/nothing/here", {}, ("unknown", "GET", "404")),
+        ("GET", "/nope", {}, ("unknown", "GET", "404")),
+        ("POST", "/healthz", {}, ("healthz", "POST", "405")),
+        ("GET", "/healthz", {}, ("healthz", "GET", "200")),
+        ("GET", "/readyz", {}, ("readyz", "GET", "200")),
+        ("PROPFIND", "/v2/", {}, ("base", "other", "405")),
+        ("MKCOL", "/v2/", {}, ("base", "other", "405")),
+    ]
+    expected: collections.Counter[Labels] = collections.Counter()
+    for method, path, headers, labels in made:
+        response = await client.request(method, path, headers=headers)
+        assert response.status == int(labels[2]), (method, path, await response.text())
+        await response.read()
+        expected[labels] += 1
+
+    first = await scrape(client)
+    assert request_counts(first) == expected  # the scrape counts itself only afterwards
+    samples = parse(first)
+    for endpoint in {labels[0] for labels in expected}:
+        assert value(samples, "registry_http_request_duration_seconds_count",
+                     endpoint=endpoint) == sum(n for (e, _, _), n in expected.items()
+                                               if e == endpoint)
+    expected[("metrics", "GET", "200")] += 1
+    assert request_counts(await scrape(client)) == expected
+
+
+async def test_methods_do_not_make_new_series(aiohttp_client: MakeClient,
+                                              shared_images: StandardImages) -> None:
+    # aiohttp's C parser refuses methods it does not know (400, before the registry sees
+    # them); these it knows. The pure-Python parser would pass any token.
+    unusual = ["PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "SEARCH",
+               "REPORT", "PURGE", "LINK", "UNLINK", "TRACE", "SOURCE", "QUERY"]
+    client, _ = await serve(aiohttp_client, shared_images.root)
+    for method in unusual:
+        response = await client.request(method, "/v2/app/manifests/1.0")
+        assert response.status == 405, method
+    counts = request_counts(await scrape(client))
+    assert {labels[1] for labels in counts} == {"other"}
+    assert counts[("manifest", "other", "405")] == len(unusual)
+
+
+async def test_bytes_served_are_body_bytes(aiohttp_client: MakeClient,
+                                           shared_images: StandardImages) -> None:
+    client, _ = await serve(aiohttp_client, shared_images.root)
+    plain = shared_images.layers["app:1.0"][0]  # sendfile from the archive's window
+    zipped = shared_images.layers["zipped:1.0"][0]  # from a gzip archive
+    blob_bytes = 0
+    for name, digest in (("app", plain), ("app", plain), ("zipped", zipped)):
+        response = await client.get(f"/v2/{name}/blobs/{digest}")
+        body = await response.read()
+        assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+        blob_bytes += len(body)
+    response = await client.get(f"/v2/app/blobs/{plain}", headers={"Range": "bytes=3-12"})
+    assert response.status == 206 and len(await response.read()) == 10
+    blob_bytes += 10
+    assert (await client.head(f"/v2/app/blobs/{plain}")).status == 200  # no body, no bytes
+    manifest = await (await client.get("/v2/app/manifests/1.0")).read()
+
+    samples = parse(await scrape(client))
+    assert value(samples, "registry_http_response_bytes_total", endpoint="blob") == blob_bytes
+    assert value(samples, "registry_http_response_bytes_total",
+                 endpoint="manifest") == len(manifest)
+
+
+async def test_store_figures_after_a_scrape(aiohttp_client: MakeClient, image_dir: Path) -> None:
+    images = build_standard_images(image_dir)
+    (image_dir / "broken.oci").write_bytes(b"this is not an archive" * 50)
+    client, registry = await serve(aiohttp_client, image_dir)
+    for path in ("/v2/app/manifests/1.0", "/v2/app/manifests/2.0",
+                 "/v2/zipped/manifests/1.0"):
+        assert (await client.get(path)).status == 200
+    assert (await client.get("/v2/broken/manifests/latest")).status == 404
+    layer = images.layers["app:1.0"][0]
+    for _ in range(2):  # hashed before the first byte is served, once per archive version
+        assert (await client.get(f"/v2/app/blobs/{layer}")).status == 200
+    layer_size = (image_dir / "app" / "1.0.oci").stat().st_size  # an upper bound
+    first = parse(await scrape(client))
+    assert value(first, "registry_archives_indexed_total") == 3
+    assert value(first, "registry_archive_errors_total") == 1
+    assert value(first, "registry_rescans_total") == 0
+    verified = value(first, "registry_blob_verified_bytes_total")
+    assert 0 < verified < layer_size
+    assert value(first, "registry_cache_entries", cache="archives") == 3
+    assert value(first, "registry_cache_entries", cache="broken") == 1
+    assert value(first, "registry_archive_index_seconds_total") > 0
+
+    await registry.store.rescan()
+    second = parse(await scrape(client))
+    assert value(second, "registry_rescans_total") == 1
+    # Nothing changed on disk: nothing indexed again, and nothing counted twice by the sync.
+    for name in ("registry_archives_indexed_total", "registry_archive_errors_total",
+                 "registry_blob_verified_bytes_total"):
+        assert value(second, name) == value(first, name), name
+    third = parse(await scrape(client))
+    assert value(third, "registry_rescans_total") == 1
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+def worker_of(connection: http.client.HTTPConnection, server_port: int,
+              workers: set[int]) -> int | None:
+    """Which worker process holds the server side of an open connection (from /proc)."""
+    assert connection.sock is not None
+    client_port = connection.sock.getsockname()[1]
+    inode = None
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if (int(local.split(":")[1], 16) == server_port
+                    and int(remote.split(":")[1], 16) == client_port):
+                inode = fields[9]
+    if inode is None:
+        return None
+    for pid in workers:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            response.read()
+            return response.status
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code
+
+
+def test_any_worker_reports_the_whole_node(shared_images: StandardImages,
+                                           tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    registry = RegistryProcess(shared_images.root, "--workers", "2",
+                               log_path=tmp_path / "registry.log",
+                               env=dict(os.environ, TMPDIR=str(scratch))).start()
+    assert registry.process is not None
+    supervisor = registry.process.pid
+    host, port = registry.host.rsplit(":", 1)
+    try:
+        deadline = time.monotonic() + POLL_LIMIT
+        while len(children_of(supervisor)) != 2:
+            assert time.monotonic() < deadline, "two workers never started"
+            time.sleep(0.05)
+        workers = children_of(supervisor)
+        [metrics_dir] = scratch.glob("simple-oci-registry-metrics-*")
+
+        made = 60
+        for _ in range(made):  # a new connection each: the kernel spreads them
+            assert get(registry.url + "/v2/app/manifests/1.0") == 200
+        files = {p.name for p in metrics_dir.iterdir()}
+        assert {f"counter_{pid}.db" for pid in workers} <= files  # both answered some
+
+        # Scrape through a connection held by each worker in turn.
+        scraped_by: set[int] = set()
+        for _ in range(64):
+            if scraped_by == workers:
+                break
+            connection = http.client.HTTPConnection(host, int(port), timeout=10)
+            connection.connect()
+            try:
+                pid = worker_of(connection, int(port), workers)
+                if pid is None or pid in scraped_by:
+                    continue
+                connection.request("GET", "/metrics")
+                response = connection.getresponse()
+                assert response.status == 200
+                text = response.read().decode()
+            finally:
+                connection.close()
+            scraped_by.add(pid)
+            counts = request_counts(text)
+            assert counts[("manifest", "GET", "200")] == made, pid
+            assert sum(counts.values()) >= made + 1  # and RegistryProcess's readiness GET
+        assert scraped_by == workers, "could not reach both workers"
+    finally:
+        assert registry.stop() == 0
+    assert not metrics_dir.exists()  # removed at shutdown
+    assert list(scratch.iterdir()) == []
+
+
+def test_metrics_dir_of_a_single_worker_process_is_not_made(shared_images: StandardImages,
+                                                            tmp_path: Path) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    registry = RegistryProcess(shared_images.root, log_path=tmp_path / "registry.log",
+                               env=dict(os.environ, TMPDIR=str(scratch))).start()
+    try:
+        assert get(registry.url + "/v2/app/manifests/1.0") == 200
+        with urllib.request.urlopen(registry.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        assert request_counts(text)[("manifest", "GET", "200")] == 1
+        assert re.search(r"^registry_http_requests_created", text, re.M)  # in-process registry
+        assert list(scratch.iterdir()) == []
+    finally:
+        assert registry.stop() == 0
