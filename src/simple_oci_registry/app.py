@@ -121,12 +121,6 @@ class Registry:
                     if route is None:
                         raise RegistryError(ErrorCode.NOT_FOUND, {"path": path[:200]})
                     endpoint = route.endpoint.label
-                    if request.method not in route.endpoint.methods:
-                        # Read-only: uploads, manifest PUT and DELETE are refused as
-                        # distribution's read-only mode does (405), with JSON and Allow.
-                        raise RegistryError(
-                            ErrorCode.UNSUPPORTED, {"method": request.method},
-                            headers={hdrs.ALLOW: ", ".join(sorted(route.endpoint.methods))})
                     response = await self._guarded(request, route)
                 else:
                     operation = self._operations.get(path)
@@ -139,16 +133,20 @@ class Registry:
                     response = await operation[1](request)
             except RegistryError as error:
                 response = render_error(error)
-            except (ConnectionResetError, asyncio.CancelledError):
-                status = 499  # client went away or the transfer was aborted (nginx's 499)
+            except (ConnectionError, asyncio.CancelledError):
+                # The client went away (reset, or EPIPE from sendfile) or the transfer was
+                # aborted: nothing to answer, nothing to log as an error (nginx's 499).
+                status = 499
                 raise
             except Exception:
                 log.exception("unexpected error serving %s %s", request.method, path[:200])
                 response = render_error(RegistryError(ErrorCode.UNKNOWN))
             status = response.status
-            if request.method != hdrs.METH_HEAD and response.prepared:
+            if request.transport is None or request.transport.is_closing():
+                status = 499  # answered in part: the client left or the transfer was aborted
+            elif request.method != hdrs.METH_HEAD and response.prepared:
                 sent = response.content_length or response.body_length
-            elif not response.prepared and request.method != hdrs.METH_HEAD:
+            elif request.method != hdrs.METH_HEAD:
                 sent = response.content_length or 0
             return response
         finally:
@@ -156,7 +154,11 @@ class Registry:
                                  time.perf_counter() - started)
 
     async def _guarded(self, request: web.BaseRequest, route: Route) -> web.StreamResponse:
-        """Apply the in-flight limit and basic auth, then the /v2/ handler."""
+        """Apply the in-flight limit, basic auth and the method check, then the handler.
+
+        Credentials come before the method check, as in distribution: an anonymous client of a
+        protected registry learns it must authenticate (401), whatever it tried.
+        """
         limit = self.config.max_connections
         if limit and self.in_flight >= limit:
             # aiohttp answers one request at a time per connection, so requests in flight
@@ -167,6 +169,12 @@ class Registry:
         try:
             if self.auth is not None:
                 await self.auth.check(request.headers.get(hdrs.AUTHORIZATION))
+            if request.method not in route.endpoint.methods:
+                # Read-only: uploads, manifest PUT and DELETE are refused as distribution's
+                # read-only mode does (405), with the spec's JSON error and Allow.
+                raise RegistryError(
+                    ErrorCode.UNSUPPORTED, {"method": request.method},
+                    headers={hdrs.ALLOW: ", ".join(sorted(route.endpoint.methods))})
             return await self.handlers.handle(request, route)
         finally:
             self.in_flight -= 1

@@ -288,7 +288,7 @@ class _FdReader(MemberReader):
 
     def unchanged(self) -> bool:
         try:
-            return Fingerprint.of_fd(self._file.fileno()) == self._fingerprint
+            return self._fingerprint.same_bytes(Fingerprint.of_fd(self._file.fileno()))
         except OSError:
             return False
 
@@ -411,7 +411,7 @@ class _StreamReader(MemberReader):
 
     def unchanged(self) -> bool:
         try:
-            return Fingerprint.of_fd(self._raw.fileno()) == self._fingerprint
+            return self._fingerprint.same_bytes(Fingerprint.of_fd(self._raw.fileno()))
         except OSError:
             return False
 

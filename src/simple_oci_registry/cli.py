@@ -350,8 +350,9 @@ def _supervise(config: Config, port: int) -> int:
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
         if not stopping:
             log.error("worker %d exited (status %d); starting a new one", pid, status)
-            time.sleep(0.5)
-            spawn(slot)
+            time.sleep(0.5)  # no tight restart loop if a worker dies at once
+            if not stopping:  # SIGTERM may have arrived during the pause
+                spawn(slot)
         elif os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM, -signal.SIGINT):
             exit_code = 1
     return exit_code

@@ -152,11 +152,18 @@ class Handlers:
             headers[hdrs.CONTENT_LENGTH] = str(length)
             return web.Response(status=status, headers=headers)
         location, reader = await self._store.open_blob(name, location)
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = length
         try:
-            response = web.StreamResponse(status=status, headers=headers)
-            response.content_length = length
             return await send_member(request, response, reader, byte_range, location.digest,
                                      verify_stream=reader.region() is None)
+        except ConnectionError:
+            # The client hung up (reset, EPIPE) or the transfer was aborted because its source
+            # changed. Headers are out, so there is nothing to answer: make sure the connection
+            # is closed and hand the response back; aiohttp then logs it as a reset, not a 500.
+            if request.transport is not None:
+                request.transport.abort()
+            return response
         finally:
             reader.close()
 

@@ -83,10 +83,10 @@ def _entries(directory: str) -> Iterator[os.DirEntry[str]]:
             yield from it
     except (FileNotFoundError, NotADirectoryError):
         return
-    except PermissionError as exc:
-        # e.g. lost+found at the root of a volume, or a directory of another team: its archives
-        # cannot be served, but the name's other candidates (beside it) still can.
-        log.warning("cannot list %s: %s", directory, exc.strerror)
+    except OSError as exc:
+        # EACCES (lost+found, another team's directory), ELOOP (a symlink loop), EIO/ESTALE
+        # from NFS: nothing there can be served, but the name's other candidates still can.
+        log.warning("cannot list %s: %s", directory, exc.strerror or exc)
 
 
 def list_candidates(root: str, name: str, *, allow_outside: bool = False) -> tuple[Candidate, ...]:

@@ -18,7 +18,6 @@ Caching follows the original design, made exact:
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import os
@@ -190,10 +189,8 @@ class ImageStore:
                 layout = location.layout
                 assert layout is not None
                 member = blob_member(location.digest)
-                if location.compressed and self.cache is not None:
-                    # Concurrent requests for a cold blob wait for one decompression.
-                    prepare = functools.partial(asyncio.to_thread, layout.archive.prepare, member)
-                    await self._single_flight(("cache", location.digest), prepare)
+                # For compressed archives _verify has filled the blob cache, once for all
+                # concurrent requests; open_member refills it only if evicted since.
                 reader = await asyncio.to_thread(layout.archive.open_member, member)
                 return location, reader
             except ArchiveError as exc:
@@ -361,31 +358,46 @@ class ImageStore:
         return load_layout(open_archive(path, self._limits, self.cache))
 
     async def _verify(self, location: BlobLocation) -> None:
-        """Hash an archive member once per fingerprint before serving it (uncompressed kinds).
-
-        Compressed members are hashed while they stream instead (see the blob response).
-        """
+        """Refuse (BLOB_UNKNOWN) a member whose stored bytes do not match its digest."""
         if not await self._intact(location):
             raise RegistryError(ErrorCode.BLOB_UNKNOWN, {
                 "digest": location.digest, "reason": "stored content does not match the digest"})
 
     async def _intact(self, location: BlobLocation) -> bool:
-        """False when the member's bytes do not hash to its digest (checked once per
-        fingerprint; memory and compressed members count as intact here)."""
+        """False when the member's bytes do not hash to its digest (checked once per archive
+        fingerprint, so HEAD and GET give the same answer).
+
+        Members of plain archives and layout directories are hashed where they lie. Small
+        members of compressed archives are in memory and hashed there; large ones are
+        decompressed into the blob cache, which keeps only bytes matching their digest.
+        Without a cache, a large compressed member is hashed while it streams instead.
+        """
         layout = location.layout
-        if layout is None or location.compressed:
+        if layout is None:
             return True
         key = (layout.archive.path, layout.archive.fingerprint, location.digest)
         ok = self._verified.get(key)
         if ok is None:
             ok = await self._single_flight(("verify", key),
-                                           lambda: asyncio.to_thread(self._hash_member, location))
+                                           lambda: asyncio.to_thread(self._check, location))
             self._verified[key] = ok
             if not ok:
                 self.stats.archive_errors += 1
                 log.error("%s: blob %s does not match its digest; refusing to serve it",
                           self._relative(layout.archive.path), location.digest)
         return ok
+
+    def _check(self, location: BlobLocation) -> bool:
+        assert location.layout is not None
+        if location.compressed and location.size > self._limits.small_member_bytes:
+            if self.cache is None:
+                return True  # verified while it streams; the last piece is held back
+            try:
+                location.layout.archive.prepare(blob_member(location.digest))
+            except ArchiveError:
+                return False  # the cache refused bytes that do not match the digest
+            return True
+        return self._hash_member(location)
 
     def _hash_member(self, location: BlobLocation) -> bool:
         assert location.layout is not None
