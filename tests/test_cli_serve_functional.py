@@ -223,11 +223,6 @@ def wchan(pid: int) -> str:
         return ""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cli.py _supervise: after reaping a dead worker it sleeps 0.5 s and then spawn()s a "
-    "replacement without re-checking `stopping`; a SIGTERM arriving during that sleep is "
-    "forwarded only to the workers alive then, so the replacement never gets it and the "
-    "supervisor waits for it forever (the process never exits on SIGTERM)"))
 def test_sigterm_while_a_worker_is_being_replaced(shared_images: StandardImages,
                                                   start: Start) -> None:
     registry = start(shared_images.root, "--workers", "2")

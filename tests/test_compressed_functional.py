@@ -243,10 +243,6 @@ def test_blob_not_matching_its_digest_is_refused(compressed: Images, start: Star
     assert not (tmp_path / "cache" / "blobs" / "sha256" / image.big.split(":", 1)[1]).exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store.py: ImageStore._intact() counts members of compressed archives as intact, so "
-    "check_blob() lets HEAD answer 200 for a blob whose GET is refused with 404 BLOB_UNKNOWN "
-    "(the handler's own rule: HEAD and GET must agree)"))
 def test_head_agrees_with_get_on_a_damaged_compressed_blob(compressed: Images, start: Start,
                                                            tmp_path: Path) -> None:
     registry = start(compressed.root, "--cache-dir", str(tmp_path / "cache"))
@@ -267,12 +263,6 @@ def test_damaged_in_memory_member_never_delivers_wrong_bytes(
     assert json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store.py/blobresponse.py: a member of at most 4 MiB of a gzip/zstd archive is held in "
-    "memory from the index scan but never checked against its digest before serving; GET "
-    "answers 200 and aborts the connection after the headers (the digest check in "
-    "_send_stream), logged only as aiohttp's 'Error handling request' traceback saying the "
-    "'blob source changed', without the archive's name; plain archives get 404 BLOB_UNKNOWN"))
 def test_damaged_in_memory_member_is_refused_like_a_cached_one(
         compressed: Images, start: Start, tmp_path: Path) -> None:
     registry = start(compressed.root, "--cache-dir", str(tmp_path / "cache"))
@@ -315,12 +305,6 @@ def huge(tmp_path_factory: pytest.TempPathFactory) -> Images:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "archive.py: CompressedTarArchive._from_cache wraps the cached file in an _FdReader whose "
-    "unchanged() compares the full stat fingerprint, ctime included; evicting the blob "
-    "(unlink) changes the inode's ctime, so a transfer in flight from the cache is aborted "
-    "after its first 32 MiB sendfile chunk, although a content-addressed cache file is never "
-    "rewritten and stays readable (the blob cache's documented promise)"))
 def test_eviction_during_a_transfer_does_not_abort_it(huge: Images, start: Start,
                                                       tmp_path: Path) -> None:
     cache = tmp_path / "cache"
