@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -372,7 +373,18 @@ def serve(config: Config) -> int:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
+def _raise_open_files_limit() -> None:
+    """Use the hard limit on open descriptors: every connection and every open blob holds
+    one, and the soft limit (often 1024) would make accept() fail under a burst of pulls or
+    a crowd of slow clients long before memory or CPU run out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _serve(config: Config) -> int:
+    _raise_open_files_limit()
     sock = _bind(config, reuse_port=config.workers > 1)
     host, port = sock.getsockname()[:2]
     scheme = "https" if config.tls_cert else "http"
