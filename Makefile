@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo-images
 LISTEN ?= 127.0.0.1:5000
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: setup system-deps serve demo test lint typecheck pytest bench clean
 
@@ -37,7 +38,7 @@ pytest: setup
 test: lint typecheck pytest
 
 bench: setup
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,7 @@
 set -euo pipefail
 
 packages=(skopeo umoci busybox-static podman buildah runc containerd uidmap
-          golang-github-containers-common nginx-light docker-registry wrk zstd
+          golang-github-containers-common nginx-light docker-registry wrk apache2-utils zstd
           chromium ca-certificates curl)
 
 missing=()

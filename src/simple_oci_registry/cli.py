@@ -51,6 +51,8 @@ log = logging.getLogger("simple_oci_registry")
 
 ENV_PREFIX: Final = "SOR_"
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+_QUICK_FAILURE_SECONDS: Final = 5.0
+_MAX_QUICK_FAILURES: Final = 5
 SUBCOMMANDS: Final = ("serve", "ls", "check")
 T = TypeVar("T")
 
@@ -305,8 +307,15 @@ def _worker(config: Config, port: int) -> None:
 
 
 def _supervise(config: Config, port: int) -> int:
-    """Fork the workers and keep them running until told to stop."""
+    """Fork the workers and keep them running until told to stop.
+
+    A worker that dies is replaced; workers that keep dying right after they start (a bad
+    certificate, an unusable directory) make the supervisor give up and exit non-zero, so
+    the pod restarts visibly instead of holding the port with nobody answering.
+    """
     children: dict[int, int] = {}
+    started: dict[int, float] = {}
+    quick_failures = 0
     stopping = False
 
     def spawn(slot: int) -> None:
@@ -322,6 +331,7 @@ def _supervise(config: Config, port: int) -> int:
                 code = 1
             os._exit(code)
         children[pid] = slot
+        started[pid] = time.monotonic()
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -349,7 +359,13 @@ def _supervise(config: Config, port: int) -> int:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
-        if not stopping:
+        lived = time.monotonic() - started.pop(pid, 0.0)
+        quick_failures = quick_failures + 1 if lived < _QUICK_FAILURE_SECONDS else 0
+        if not stopping and quick_failures >= _MAX_QUICK_FAILURES:
+            log.error("workers keep failing right after they start; giving up")
+            forward(signal.SIGTERM, None)
+            exit_code = 1
+        elif not stopping:
             log.error("worker %d exited (status %d); starting a new one", pid, status)
             time.sleep(0.5)  # no tight restart loop if a worker dies at once
             if not stopping:  # SIGTERM may have arrived during the pause
