@@ -329,17 +329,6 @@ def soak(load_env: LoadEnv, request: pytest.FixtureRequest) -> SoakStats:
     return soak_once(load_env, seconds)
 
 
-SOAK_500_BUG = pytest.mark.xfail(strict=True, reason=(
-    "store.blob() hashes a member it has not verified yet (_intact -> _hash_member -> "
-    "archive.open_member) outside open_blob()'s StaleArchiveError handling (since abeafd7): "
-    "a blob request that races an atomic replacement of its archive is answered 500 UNKNOWN "
-    "('unexpected error ... StaleArchiveError: ... changed since it was indexed'), a few "
-    "hundred times in 15 s here; it should re-resolve (404 BLOB_UNKNOWN or the new file's "
-    "blob). Deterministic reproduction: "
-    "test_changing_files_functional.py::test_blob_of_an_archive_replaced_inside_the_freshness_"
-    "window"))
-
-
 @pytest.mark.parametrize("soak", SOAK_LENGTHS, indirect=True)
 def test_soak_never_serves_wrong_bytes(soak: SoakStats) -> None:
     assert soak.requests > CLIENTS and soak.replacements > 10
@@ -347,23 +336,11 @@ def test_soak_never_serves_wrong_bytes(soak: SoakStats) -> None:
     assert not soak.wrong, soak.wrong[:10]
 
 
-SOAK_CTIME_BUG = pytest.mark.xfail(strict=True, reason=(
-    "blob transfers racing a replacement by rename are cut off after their 200 headers "
-    "(aiohttp: 'received 0 of N bytes'; server log: _Aborted 'blob source changed during the "
-    "transfer'), a few hundred times in 15 s: the fingerprint includes st_ctime_ns since "
-    "a041aa9 and unlinking the old file (the rename) changes its ctime, so _FdReader.unchanged()"
-    " fails before the only chunk although the old inode's bytes are intact. Deterministic "
-    "reproduction: test_changing_files_functional.py::"
-    "test_replacing_or_deleting_keeps_transfers_in_flight[rename-early]"))
-
-
-@SOAK_CTIME_BUG
 @pytest.mark.parametrize("soak", SOAK_LENGTHS, indirect=True)
 def test_soak_has_no_connection_errors(soak: SoakStats) -> None:
     assert not soak.connection, soak.connection[:10]
 
 
-@SOAK_500_BUG
 @pytest.mark.parametrize("soak", SOAK_LENGTHS, indirect=True)
 def test_soak_answers_only_200_206_or_404(soak: SoakStats, load_env: LoadEnv) -> None:
     """404 only for the churning archives, in a replacement window; nothing else."""
@@ -398,7 +375,7 @@ async def test_slowloris(load_env: LoadEnv) -> None:
         _, writer = await asyncio.open_connection(host, port)
         writers.append(writer)
     closed_by_server = 0
-    pulls = 0
+    pulls = during = 0
     done = asyncio.Event()
 
     async def trickle() -> None:
@@ -419,10 +396,11 @@ async def test_slowloris(load_env: LoadEnv) -> None:
             done.set()
 
     async def normal() -> None:
-        nonlocal pulls
+        nonlocal pulls, during
         while not done.is_set() and pulls < 50:
             await asyncio.to_thread(pull_all, load_env.process.url, load_env.images.manifests)
             pulls += 1
+            during += not done.is_set()
             await asyncio.sleep(0.2)
 
     try:
@@ -430,10 +408,10 @@ async def test_slowloris(load_env: LoadEnv) -> None:
     finally:
         for writer in writers:
             writer.close()
-    print(f"\nslowloris: 200 trickling connections for 10 s; {pulls} full pulls of all "
+    print(f"\nslowloris: 200 trickling connections for 10 s; {during} full pulls of all "
           f"standard images meanwhile; {closed_by_server} trickling connections closed by "
           "the server")
-    assert pulls >= 2
+    assert during >= 1, "a whole pull finished while the trickling connections were open"
     assert load_env.alive()
 
 
@@ -543,14 +521,9 @@ async def test_disconnect_mid_blob(load_env: LoadEnv) -> None:
 DISCONNECT_LOG: list[str] = []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a client that hangs up mid-blob makes os.sendfile raise BrokenPipeError (EPIPE), which "
-    "app.error_middleware does not count as a disconnect (it lets only ConnectionResetError "
-    "and CancelledError through): each one is logged as 'ERROR ... unexpected error serving "
-    "GET /v2/<name>/blobs/<digest>' with a traceback and recorded as a 500 in the access log "
-    "and metrics (40 of 50 hang-ups here); it should be a quiet 499 like a reset (catch "
-    "ConnectionError)"))
 def test_disconnects_are_not_unexpected_errors() -> None:
+    """A hang-up mid-blob (EPIPE or a reset from sendfile) is no server error (fixed in 1b92f95:
+    EPIPE used to be logged as an unexpected error and counted as a 500)."""
     if not DISCONNECT_LOG:
         pytest.skip("test_disconnect_mid_blob did not run")
     lines = unexpected_log_lines(DISCONNECT_LOG[0])
@@ -607,3 +580,50 @@ def test_many_headers_do_not_crash(load_env: LoadEnv) -> None:
     assert status is not None and status < 500, status
     assert load_env.alive()
     assert fetch(load_env.process.url, "/v2/").status == 200
+
+
+# ------------------------------------------------------------------------------ cache growth
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of an unlabelled Prometheus sample."""
+    for line in text.splitlines():
+        if line.split(" ")[0] == name:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no metric {name}")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "store._verified is keyed by (path, fingerprint, digest) and only pruned by path (rescan "
+    "keeps every key whose path is still served), so each replacement of an archive leaves "
+    "its old fingerprint's entries behind for ever: registry_cache_entries{cache="
+    "\"verified_blobs\"} grows by one per verified blob per replacement (6000 after 3000 "
+    "replacements of a 2-blob archive, RSS +2 MB; +15 MB in the 5-minute soak). Entries of a "
+    "path's superseded fingerprints should go when the path is re-indexed (or at rescan)"))
+def test_replacements_do_not_grow_the_verification_cache(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    (images / "swap").mkdir(parents=True)
+    versions = []
+    for number in range(2):
+        versions.append(_churn_version(tmp_path / f"v{number}.oci", "swap", number))
+    target = images / "swap" / "1.0.oci"
+    _replace(versions[0], target)
+    with RegistryProcess(images, "--freshness-window", "0", "--rescan-interval", "1",
+                         "--cache-dir", str(tmp_path / "cache"),
+                         log_path=tmp_path / "registry.log") as process:
+        for number in range(200):
+            _replace(versions[number % 2], target)
+            pull(process.url, "swap", "1.0")
+        metrics = fetch(process.url, "/metrics").body.decode()
+        rescans = _metric(metrics, "registry_rescans_total")
+        for _ in range(100):  # let a periodic rescan run (bounded: 10 s)
+            metrics = fetch(process.url, "/metrics").body.decode()
+            if _metric(metrics, "registry_rescans_total") > rescans:
+                break
+            time.sleep(0.1)
+        entries = [line for line in metrics.splitlines()
+                   if line.startswith('registry_cache_entries{cache="verified_blobs"}')]
+        assert entries, metrics[:2000]
+        verified = float(entries[0].rsplit(" ", 1)[1])
+        # One archive of three blobs is served; a few superseded entries may linger.
+        assert verified <= 10, f"{verified:.0f} verification entries for one archive"
