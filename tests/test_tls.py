@@ -30,7 +30,7 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from simple_oci_registry.app import make_app
@@ -79,9 +79,11 @@ class CA:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, serial: int) -> tuple[bytes, bytes]:
+    def issue(self, serial: int, *, rsa_key: bool = False) -> tuple[bytes, bytes]:
         """(certificate PEM, key PEM) for 127.0.0.1 with the given serial number."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+            rsa.generate_private_key(public_exponent=65537, key_size=2048) if rsa_key
+            else ec.generate_private_key(ec.SECP256R1()))
         now = datetime.datetime.now(datetime.UTC)
         cert = (x509.CertificateBuilder()
                 .subject_name(_name("127.0.0.1"))
@@ -125,8 +127,9 @@ class TLSFiles:
     def ca_file(self) -> Path:
         return self.directory / "ca" / "ca.crt"
 
-    def install(self, serial: int, *, cert_only: bool = False) -> tuple[bytes, bytes]:
-        cert, key = self.ca.issue(serial)
+    def install(self, serial: int, *, cert_only: bool = False,
+                rsa_key: bool = False) -> tuple[bytes, bytes]:
+        cert, key = self.ca.issue(serial, rsa_key=rsa_key)
         if not cert_only:
             replace_file(self.key, key)
         replace_file(self.cert, cert)
@@ -232,6 +235,30 @@ async def test_reload_serves_the_new_certificate(served: Served, tls_files: TLSF
         assert int(writer.get_extra_info("peercert")["serialNumber"], 16) == 1001
     finally:
         writer.close()
+
+
+def rsa_only_client(files: TLSFiles) -> ssl.SSLContext:
+    """A TLS 1.2 client that can only take an RSA certificate."""
+    context = files.client_context()
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256")
+    return context
+
+
+async def test_rotation_to_another_key_type_replaces_the_certificate(
+        served: Served, tls_files: TLSFiles) -> None:
+    # OpenSSL keeps one certificate per key type in a context: loading an RSA pair into the
+    # one holding the ECDSA pair kept serving the old ECDSA certificate to ordinary clients.
+    context = tls_files.client_context()
+    tls_files.install(2001, rsa_key=True)
+    assert served.tls.reload_if_changed() is True
+    assert (await https_get(served.port, context))[:2] == (200, 2001)
+    assert (await https_get(served.port, rsa_only_client(tls_files)))[:2] == (200, 2001)
+    tls_files.install(2002)  # and back to ECDSA: the RSA certificate is not served any more
+    assert served.tls.reload_if_changed() is True
+    assert (await https_get(served.port, context))[:2] == (200, 2002)
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # no certificate it can take
+        await https_get(served.port, rsa_only_client(tls_files))
 
 
 async def test_mismatched_key_keeps_the_old_certificate(
