@@ -15,9 +15,11 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-__all__ = ["AccessLogger", "JsonFormatter", "configure_logging"]
+__all__ = ["CUT_SHORT", "AccessLogger", "JsonFormatter", "configure_logging"]
 
 ACCESS_LOGGER: Final = "simple_oci_registry.access"
+# Request key: set to True on a request whose response went out in part only (see AccessLogger).
+CUT_SHORT: Final = "simple_oci_registry.cut_short"
 # Probes and scrapes arrive every few seconds on every node: logged at debug level only.
 _QUIET_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 _STANDARD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -51,12 +53,20 @@ class AccessLogger(AbstractAccessLogger):
         if not self.logger.isEnabledFor(level):
             return
         remote = request.remote or "-"
-        size = _body_bytes(request, response)
+        # A transfer cut short after its headers (client hang-up, or aborted because its
+        # source changed) is logged with the status the headers carried. aiohttp sees such a
+        # response as finished, so whoever cuts it short marks the request (CUT_SHORT): its
+        # body size is then unknown (sendfile does not say how much the client got), and it
+        # must not be logged as the Content-Length it promised.
+        complete = not request.get(CUT_SHORT, False)
+        size = _body_bytes(request, response) if complete else None
         self.logger.log(
-            level, '%s "%s %s" %d %d %.3fs', remote, request.method, request.path_qs[:300],
-            response.status, size, time,
+            level, '%s "%s %s" %d %s %.3fs%s', remote, request.method, request.path_qs[:300],
+            response.status, "-" if size is None else size, time,
+            "" if complete else " cut short",
             extra={"remote": remote, "method": request.method, "path": request.path[:300],
-                   "status": response.status, "bytes": size, "duration_s": round(time, 6),
+                   "status": response.status, "bytes": size, "complete": complete,
+                   "duration_s": round(time, 6),
                    "user_agent": request.headers.get("User-Agent", "")[:200]})
 
 
@@ -64,9 +74,8 @@ def _body_bytes(request: web.BaseRequest, response: web.StreamResponse) -> int:
     """Body bytes of a completed response, headers excluded.
 
     Not ``body_length``: aiohttp counts the header block in it and nothing that ``sendfile``
-    sent, so a 145-byte blob was logged as 462 bytes and a 64 MiB one as a few hundred. A
-    response is logged only once complete (aiohttp logs nothing for a transfer cut short), so
-    its Content-Length is what went out.
+    sent, so a 145-byte blob was logged as 462 bytes and a 64 MiB one as a few hundred. For a
+    complete response the Content-Length is what went out.
     """
     if request.method == "HEAD" or response.status in (204, 304) or response.status < 200:
         return 0
