@@ -31,6 +31,7 @@ from simple_oci_registry.config import Config
 from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.handlers import Handlers
 from simple_oci_registry.headers import API_VERSION, API_VERSION_VALUE
+from simple_oci_registry.logs import CUT_SHORT
 from simple_oci_registry.metrics import Metrics
 from simple_oci_registry.routes import Route, parse_v2_path
 from simple_oci_registry.store import ImageStore
@@ -142,7 +143,7 @@ class Registry:
                 log.exception("unexpected error serving %s %s", request.method, path[:200])
                 response = render_error(RegistryError(ErrorCode.UNKNOWN))
             status = response.status
-            if request.transport is None or request.transport.is_closing():
+            if request.get(CUT_SHORT, False):
                 status = 499  # answered in part: the client left or the transfer was aborted
             elif request.method != hdrs.METH_HEAD and response.prepared:
                 sent = response.content_length or response.body_length

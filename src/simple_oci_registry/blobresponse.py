@@ -61,7 +61,12 @@ async def send_member(
     else:
         await response.prepare(request)
         await _send_stream(request, response, reader, start, length, digest)
-    await response.write_eof()
+    try:
+        await response.write_eof()
+    except ConnectionError:
+        # Every byte went out (and was checked); the client simply closed first, as clients
+        # sending "Connection: close" do. The transfer is complete, not cut short.
+        pass
     return response
 
 

@@ -22,6 +22,7 @@ from simple_oci_registry.headers import (
     FILTERS_APPLIED,
 )
 from simple_oci_registry.layout import ManifestRecord
+from simple_oci_registry.logs import CUT_SHORT
 from simple_oci_registry.ranges import parse_range
 from simple_oci_registry.reference import parse_digest, parse_reference, validate_name
 from simple_oci_registry.routes import Endpoint, Route
@@ -163,6 +164,7 @@ class Handlers:
             # is closed and hand the response back; aiohttp then logs it as a reset, not a 500.
             if request.transport is not None:
                 request.transport.abort()
+            request[CUT_SHORT] = True  # for the access log and metrics: not a complete 200
             return response
         finally:
             reader.close()
