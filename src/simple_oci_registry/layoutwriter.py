@@ -42,6 +42,8 @@ from typing import Any, Final, Literal, TypeAlias
 
 import zstandard
 
+from simple_oci_registry import mediatypes
+
 __all__ = [
     "ANNOTATION_CONTAINERD_NAME",
     "ANNOTATION_REF_NAME",
@@ -74,21 +76,22 @@ __all__ = [
     "sha256_digest",
 ]
 
-OCI_LAYOUT_VERSION: Final = "1.0.0"
-MEDIA_TYPE_OCI_MANIFEST: Final = "application/vnd.oci.image.manifest.v1+json"
-MEDIA_TYPE_OCI_INDEX: Final = "application/vnd.oci.image.index.v1+json"
-MEDIA_TYPE_OCI_CONFIG: Final = "application/vnd.oci.image.config.v1+json"
-MEDIA_TYPE_OCI_EMPTY: Final = "application/vnd.oci.empty.v1+json"
-MEDIA_TYPE_OCI_LAYER: Final = "application/vnd.oci.image.layer.v1.tar"
-MEDIA_TYPE_OCI_LAYER_GZIP: Final = "application/vnd.oci.image.layer.v1.tar+gzip"
-MEDIA_TYPE_OCI_LAYER_ZSTD: Final = "application/vnd.oci.image.layer.v1.tar+zstd"
-MEDIA_TYPE_DOCKER_MANIFEST: Final = "application/vnd.docker.distribution.manifest.v2+json"
-MEDIA_TYPE_DOCKER_MANIFEST_LIST: Final = "application/vnd.docker.distribution.manifest.list.v2+json"
-MEDIA_TYPE_DOCKER_CONFIG: Final = "application/vnd.docker.container.image.v1+json"
-MEDIA_TYPE_DOCKER_LAYER: Final = "application/vnd.docker.image.rootfs.diff.tar"
-MEDIA_TYPE_DOCKER_LAYER_GZIP: Final = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-ANNOTATION_REF_NAME: Final = "org.opencontainers.image.ref.name"
-ANNOTATION_CONTAINERD_NAME: Final = "io.containerd.image.name"
+# The spec's strings live in mediatypes.py; the writer re-exports them under its own names.
+OCI_LAYOUT_VERSION: Final = mediatypes.OCI_LAYOUT_VERSION
+MEDIA_TYPE_OCI_MANIFEST: Final = mediatypes.OCI_MANIFEST
+MEDIA_TYPE_OCI_INDEX: Final = mediatypes.OCI_INDEX
+MEDIA_TYPE_OCI_CONFIG: Final = mediatypes.OCI_CONFIG
+MEDIA_TYPE_OCI_EMPTY: Final = mediatypes.OCI_EMPTY
+MEDIA_TYPE_OCI_LAYER: Final = mediatypes.OCI_LAYER
+MEDIA_TYPE_OCI_LAYER_GZIP: Final = mediatypes.OCI_LAYER_GZIP
+MEDIA_TYPE_OCI_LAYER_ZSTD: Final = mediatypes.OCI_LAYER_ZSTD
+MEDIA_TYPE_DOCKER_MANIFEST: Final = mediatypes.DOCKER_MANIFEST
+MEDIA_TYPE_DOCKER_MANIFEST_LIST: Final = mediatypes.DOCKER_MANIFEST_LIST
+MEDIA_TYPE_DOCKER_CONFIG: Final = mediatypes.DOCKER_CONFIG
+MEDIA_TYPE_DOCKER_LAYER: Final = mediatypes.DOCKER_LAYER
+MEDIA_TYPE_DOCKER_LAYER_GZIP: Final = mediatypes.DOCKER_LAYER_GZIP
+ANNOTATION_REF_NAME: Final = mediatypes.ANNOTATION_REF_NAME
+ANNOTATION_CONTAINERD_NAME: Final = mediatypes.ANNOTATION_CONTAINERD_NAME
 EMPTY_JSON: Final = b"{}"
 
 Compression: TypeAlias = Literal["none", "gzip", "zstd"]
