@@ -42,9 +42,13 @@ class RegistryProcess:
     def start(self, timeout: float = 20.0) -> RegistryProcess:
         env = dict(os.environ if self.env is None else self.env)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        isolation: list[str] = []
+        if "--cache-dir" not in self.args:
+            # Never the machine's /var/cache: each test's server gets its own blob cache.
+            isolation = ["--cache-dir", str(self.log_path.parent / "registry-cache")]
         command = [sys.executable, "-m", "simple_oci_registry", "serve",
                    "--dir", str(self.directory), "--listen", "127.0.0.1:0",
-                   "--workers", "1", "--log-level", "debug", *self.args]
+                   "--workers", "1", "--log-level", "debug", *isolation, *self.args]
         self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log,
                                         text=True, env=env)
