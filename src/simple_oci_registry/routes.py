@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = ["Endpoint", "Route", "parse_v2_path"]
 
@@ -39,25 +40,30 @@ class Route:
     argument: str = ""
 
 
+_KEYWORDS: Final = {"manifests": Endpoint.MANIFEST, "blobs": Endpoint.BLOB,
+                    "referrers": Endpoint.REFERRERS}
+
+
 def parse_v2_path(rest: str) -> Route | None:
-    """Parse what follows ``/v2/``; None when no endpoint matches (a 404)."""
+    """Parse what follows ``/v2/``; None when no endpoint matches (a 404).
+
+    Runs on every request, hence two ``rpartition`` calls rather than split and join.
+    """
     if rest == "":
         return Route(Endpoint.BASE)
     if rest in ("_catalog", "_catalog/"):
         return Route(Endpoint.CATALOG)
-    parts = rest.split("/")
-    # end-4..7 and end-11: POST /v2/<name>/blobs/uploads/[?mount=…] and
-    # PATCH|PUT|GET|DELETE /v2/<name>/blobs/uploads/<reference>
-    if len(parts) > 2 and parts[-2] == "uploads" and parts[-3] == "blobs":
-        return Route(Endpoint.UPLOAD, "/".join(parts[:-3]), parts[-1])
-    if len(parts) < 3:
-        return None
-    name = "/".join(parts[:-2])
-    keyword, argument = parts[-2], parts[-1]
+    head, _, argument = rest.rpartition("/")
+    name, slash, keyword = head.rpartition("/")
+    if not slash:
+        return None  # fewer than three segments: no name before the keyword
+    if keyword == "uploads":
+        # end-4..7 and end-11: POST /v2/<name>/blobs/uploads/[?mount=…] and
+        # PATCH|PUT|GET|DELETE /v2/<name>/blobs/uploads/<reference>
+        upload_name, _, blobs = name.rpartition("/")
+        if blobs == "blobs":
+            return Route(Endpoint.UPLOAD, upload_name, argument)
     if keyword == "tags" and argument == "list":
         return Route(Endpoint.TAGS, name)
-    for endpoint, word in ((Endpoint.MANIFEST, "manifests"), (Endpoint.BLOB, "blobs"),
-                           (Endpoint.REFERRERS, "referrers")):
-        if keyword == word:
-            return Route(endpoint, name, argument)
-    return None
+    endpoint = _KEYWORDS.get(keyword)
+    return Route(endpoint, name, argument) if endpoint is not None else None
