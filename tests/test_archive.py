@@ -20,13 +20,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simple_oci_registry.archive import (
+    HEAD_BYTES,
     ArchiveError,
     ArchiveKind,
     ArchiveLimits,
     StaleArchiveError,
     detect_kind,
     open_archive,
+    sniff,
 )
+from simple_oci_registry.blobcache import BlobCache
 from simple_oci_registry.layout import load_layout
 from simple_oci_registry.layoutwriter import LayoutWriter
 from tests.images import small_image
@@ -168,7 +171,8 @@ def test_other_members_are_ignored(tmp_path: Path) -> None:
     ])
     (tmp_path / "a.oci").write_bytes(data)
     archive = open_archive(str(tmp_path / "a.oci"))
-    assert set(archive.members) == {"index.json", "blobs/sha256/" + HEX}
+    # manifest.json is kept: without index.json it is what a legacy docker save serves from.
+    assert set(archive.members) == {"index.json", "manifest.json", "blobs/sha256/" + HEX}
 
 
 # --------------------------------------------------------------------------- compression
@@ -715,3 +719,115 @@ def test_header_field_mutations_only_raise_archive_errors(compression: str,
     elif compression == "zstd":
         payload = zstandard.ZstdCompressor().compress(payload)
     open_and_load(payload)
+
+
+# --------------------------------------------------------------------------- sniffing, heads
+
+
+@pytest.mark.parametrize(("head", "kind"), [
+    (gzip.compress(b"x"), ArchiveKind.GZIP),
+    (zstandard.ZstdCompressor().compress(b"x"), ArchiveKind.ZSTD),
+    (b"\x5f\x2a\x4d\x18\0\0\0\0", ArchiveKind.ZSTD),  # skippable frame (RFC 8878 §3.1.2)
+    (tar_bytes([regular("f", b"x")])[:512], ArchiveKind.TAR),
+    (b"\0" * 512, ArchiveKind.TAR),  # an empty tar: end-of-archive blocks only
+    (b"\0" * 100, None),  # too short to be a tar block
+    (b"\x1f", None), (b"", None), (b"BZh91AY&SY", None), (b"\0" * 511 + b"\1", None),
+])
+def test_sniff(head: bytes, kind: ArchiveKind | None) -> None:
+    assert sniff(head[:HEAD_BYTES]) is kind
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd", "directory"])
+def test_head_is_the_members_first_bytes(tmp_path: Path, compression: str) -> None:
+    w = LayoutWriter()
+    small = w.add_blob(b"tiny", "application/octet-stream")
+    big = w.add_blob(os.urandom(40_000), "application/octet-stream")
+    w.tag(w.add_index([]), "x")
+    if compression == "directory":
+        path = w.write_directory(tmp_path / "d.oci")
+    else:
+        path = w.write_archive(tmp_path / "a.oci", compression)  # type: ignore[arg-type]
+    archive = open_archive(str(path), ArchiveLimits(small_member_bytes=10_000))
+    assert archive.head("blobs/sha256/" + small.hex) == b"tiny"
+    assert archive.head("blobs/sha256/" + big.hex) == w.blob_bytes(big.digest)[:HEAD_BYTES]
+
+
+def docker_members(link_kind: bytes) -> bytes:
+    layer = tar_bytes([regular("etc/f", b"layer\n")])
+    return tar_bytes([
+        regular("aa/layer.tar", layer),
+        special("bb/layer.tar", link_kind, "../aa/layer.tar" if link_kind == tarfile.SYMTYPE
+                else "aa/layer.tar"),
+        special("cc/layer.tar", tarfile.SYMTYPE, "../bb/layer.tar"),  # a link to a link
+        special("dd/layer.tar", tarfile.SYMTYPE, "/etc/passwd"),  # outside: never served
+        special("ee/layer.tar", tarfile.SYMTYPE, "../ee/layer.tar"),  # a loop
+        regular(HEX + ".json", b"{}"),
+        regular(HEX + ".tar", layer),
+        regular("aa/json", b"{}"), regular("aa/VERSION", b"1.0"), regular("repositories", b"{}"),
+        special("zz.tar", tarfile.DIRTYPE),
+        regular("manifest.json", b"[]"),
+    ])
+
+
+@pytest.mark.parametrize("link_kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_docker_save_members_and_their_links(tmp_path: Path, link_kind: bytes,
+                                             compression: str) -> None:
+    data = docker_members(link_kind)
+    (tmp_path / "a.oci").write_bytes(gzip.compress(data) if compression == "gzip" else data)
+    archive = open_archive(str(tmp_path / "a.oci"))
+    assert set(archive.members) == {"aa/layer.tar", "bb/layer.tar", "cc/layer.tar",
+                                    HEX + ".json", HEX + ".tar", "manifest.json"}
+    assert archive.aliases == {"bb/layer.tar": "aa/layer.tar", "cc/layer.tar": "aa/layer.tar"}
+    first = archive.members["aa/layer.tar"]
+    assert (archive.members["cc/layer.tar"].offset, archive.members["cc/layer.tar"].size) == (
+        first.offset, first.size)
+    with archive.open_member("cc/layer.tar") as reader:
+        linked = reader.read(1 << 20)
+    with archive.open_member("aa/layer.tar") as reader:
+        assert reader.read(1 << 20) == linked
+    digests = archive.member_digests(["aa/layer.tar", "bb/layer.tar", HEX + ".tar"])
+    assert len(set(digests.values())) == 1
+
+
+def test_a_link_named_like_an_oci_member_is_still_refused(tmp_path: Path) -> None:
+    data = tar_bytes([regular("x.tar", b"x"), special("index.json", tarfile.SYMTYPE, "x.tar")])
+    (tmp_path / "a.oci").write_bytes(data)
+    with pytest.raises(ArchiveError, match="symbolic link"):
+        open_archive(str(tmp_path / "a.oci"))
+
+
+def test_a_link_beside_a_member_of_the_same_name_is_a_duplicate(tmp_path: Path) -> None:
+    data = tar_bytes([regular("a.tar", b"x"), regular("b.tar", b"y"),
+                      special("a.tar", tarfile.SYMTYPE, "b.tar")])
+    (tmp_path / "a.oci").write_bytes(data)
+    with pytest.raises(ArchiveError, match="duplicate"):
+        open_archive(str(tmp_path / "a.oci"))
+
+
+def test_member_digests_of_a_directory_layout(tmp_path: Path) -> None:
+    w, _ = make_writer()
+    archive = open_archive(str(w.write_directory(tmp_path / "d.oci")))
+    names = [n for n in archive.members if n.startswith("blobs/")]
+    digests = archive.member_digests(names)
+    assert digests == {n: "sha256:" + n.rsplit("/", 1)[1] for n in names}
+
+
+def test_compressed_index_without_remembered_heads_is_scanned_again(tmp_path: Path) -> None:
+    # An index remembered by an older version (no facts file) lacks the large members' first
+    # bytes: the archive is scanned again rather than served without them.
+    w, _ = make_writer()
+    big = w.add_blob(os.urandom(40_000), "application/octet-stream")
+    path = w.write_archive(tmp_path / "a.oci", "gzip")
+    limits = ArchiveLimits(small_member_bytes=10_000)
+    cache = BlobCache(tmp_path / "cache", 1 << 30)
+    open_archive(str(path), limits, cache)
+    for facts in (tmp_path / "cache" / "facts").iterdir():
+        facts.write_text("damaged")
+    again = BlobCache(tmp_path / "cache", 1 << 30)
+    archive = open_archive(str(path), limits, again)
+    assert again.stats.decompressions == 1
+    assert archive.head("blobs/sha256/" + big.hex) == w.blob_bytes(big.digest)[:HEAD_BYTES]
+    third = BlobCache(tmp_path / "cache", 1 << 30)
+    open_archive(str(path), limits, third)
+    assert third.stats.decompressions == 0

@@ -283,10 +283,14 @@ def test_periodic_rescan_refreshes_trusted_views(image_dir: Path,
 
 
 def corrupt_member(path: Path, digest: str) -> None:
-    """Flip bytes inside a blob's tar member, in place (same size, new mtime)."""
+    """Flip bytes inside a blob's tar member, in place (same size, new mtime).
+
+    The last byte (gzip's ISIZE trailer), not the first ones: a layer whose magic is gone is
+    refused with its manifest when indexed (layout.py sniffs each layer's first bytes).
+    """
     with tarfile.open(path) as tar:
         member = tar.getmember("blobs/sha256/" + digest.split(":", 1)[1])
-        offset = member.offset_data
+        offset = member.offset_data + member.size - 2
     with open(path, "r+b") as handle:
         handle.seek(offset + 1)
         byte = handle.read(1)

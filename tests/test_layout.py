@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simple_oci_registry import mediatypes
-from simple_oci_registry.archive import Archive, ArchiveError, MemberReader, open_archive
+from simple_oci_registry.archive import (
+    Archive,
+    ArchiveError,
+    ArchiveLimits,
+    MemberReader,
+    open_archive,
+)
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.layout import (
     MAX_INDEX_DEPTH,
@@ -28,6 +38,7 @@ from simple_oci_registry.layoutwriter import (
     MEDIA_TYPE_OCI_MANIFEST,
     Descriptor,
     LayoutWriter,
+    Platform,
 )
 from tests.images import small_image
 
@@ -59,6 +70,9 @@ class MemoryArchive(Archive):
 
     def open_member(self, name: str) -> MemberReader:
         raise NotImplementedError
+
+    def head(self, name: str) -> bytes:
+        return self._data[self._member(name).name][:512]
 
 
 def sha256(data: bytes) -> str:
@@ -488,3 +502,168 @@ def test_any_json_gives_a_layout_or_an_archive_error(index: Any, manifest: Any,
         assert mediatypes.is_manifest_like(record.media_type)
         assert set(record.children) <= set(layout.manifests)
         assert all(layout.has_blob(b) for b in record.blobs)
+
+
+# --------------------------------------------------------------------------- blobs by digest
+
+
+def test_blobs_map_every_blob_member_to_its_digest(tmp_path: Path) -> None:
+    w = LayoutWriter()
+    image, layers = small_image(w, "map", layers=2)
+    w.tag(image, "1.0")
+    layout = load(w, tmp_path)
+    assert layout.blobs == {d: blob_member(d) for d in w.digests()}
+    assert layout.member(layers[1].digest) == blob_member(layers[1].digest)
+    with layout.open_blob(layers[1].digest) as reader:
+        assert reader.read(1 << 20) == w.blob_bytes(layers[1].digest)
+    with pytest.raises(ArchiveError, match="missing"):
+        layout.member("sha256:" + "0" * 64)
+    assert layout.verified == frozenset()
+
+
+# --------------------------------------------------------------------------- layer contents
+
+
+def lying_image(w: LayoutWriter, data: bytes, media_type: str) -> Descriptor:
+    layer = w.add_blob(data, media_type)
+    config = w.add_json({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": [layer.digest]}},
+                        "application/vnd.oci.image.config.v1+json")
+    manifest = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+                "config": config.to_json(), "layers": [layer.to_json()]}
+    return w.add_json(manifest, MEDIA_TYPE_OCI_MANIFEST)
+
+
+def plain_tar() -> bytes:
+    w = LayoutWriter()
+    layer = w.add_layer({"f.txt": b"content\n"}, compression="none")
+    return w.blob_bytes(layer.digest)
+
+
+TAR = plain_tar()
+GZIP = gzip.compress(TAR, mtime=0)
+ZSTD = zstandard.ZstdCompressor().compress(TAR)
+OCI_TAR = "application/vnd.oci.image.layer.v1.tar"
+OCI_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+OCI_ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+@pytest.mark.parametrize(("data", "media_type", "actual"), [
+    (ZSTD, OCI_GZIP, "zstd-compressed"),
+    (TAR, OCI_GZIP, "an uncompressed tar"),
+    (GZIP, OCI_TAR, "gzip-compressed"),
+    (ZSTD, OCI_TAR, "zstd-compressed"),
+    (GZIP, OCI_ZSTD, "gzip-compressed"),
+    (TAR, DOCKER_GZIP, "an uncompressed tar"),
+    (b"PK\x03\x04 a zip file", OCI_GZIP, "neither tar, gzip nor zstd"),
+    (b"", OCI_GZIP, "neither tar, gzip nor zstd"),
+])
+def test_layer_lying_about_its_compression_refuses_the_entry(
+        tmp_path: Path, data: bytes, media_type: str, actual: str) -> None:
+    w = LayoutWriter()
+    liar = lying_image(w, data, media_type)
+    good, _ = small_image(w, "honest")
+    w.tag(liar, "liar")
+    w.tag(good, "good")
+    layout = load(w, tmp_path)
+    assert layout.tags == {"good": good.digest}
+    reason = layout.rejection("liar")
+    assert reason is not None
+    assert f"declared {media_type} but its bytes are {actual}" in reason
+    assert layout.rejection(liar.digest) == reason.split(": ", 1)[1]
+    assert layout.rejection("good") is None and layout.rejection("nope") is None
+    assert any(actual in p for p in layout.problems)
+
+
+@pytest.mark.parametrize(("data", "media_type"), [
+    (TAR, OCI_TAR), (GZIP, OCI_GZIP), (ZSTD, OCI_ZSTD), (GZIP, DOCKER_GZIP),
+    (TAR, "application/vnd.docker.image.rootfs.diff.tar"),
+    (b"\0" * 1024, OCI_TAR),  # an empty layer: only the end-of-archive blocks
+    (b"a V7 tar has no magic", OCI_TAR),  # only what surely is not a tar is refused
+    (GZIP, "application/vnd.cncf.helm.chart.content.v1.tar+gzip"),
+    (b"not checked", "application/vnd.wasm.content.layer.v1+wasm"),
+    (b"\x50\x2a\x4d\x18\x04\0\0\0skip" + ZSTD, OCI_ZSTD),  # a zstd skippable frame first
+    (GZIP, "application/vnd.oci.image.layer.v1.tar+gzip+encrypted"),
+])
+def test_layers_in_their_declared_format_load(tmp_path: Path, data: bytes,
+                                              media_type: str) -> None:
+    w = LayoutWriter()
+    image = lying_image(w, data, media_type)
+    w.tag(image, "ok")
+    layout = load(w, tmp_path)
+    assert layout.tags == {"ok": image.digest}
+    assert layout.problems == ()
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_layer_sniffed_in_every_archive_kind(tmp_path: Path, compression: str) -> None:
+    big = os.urandom(64 << 10)  # a large member: compressed archives record its first bytes
+    w = LayoutWriter()
+    liar = lying_image(w, gzip.compress(big, mtime=0), OCI_TAR)
+    w.tag(liar, "liar")
+    good, _ = small_image(w, "fine")
+    w.tag(good, "good")
+    path = w.write_archive(tmp_path / "a.oci", compression)  # type: ignore[arg-type]
+    archive = open_archive(str(path), ArchiveLimits(small_member_bytes=16 << 10))
+    layout = load_layout(archive)
+    assert set(layout.tags) == {"good"}
+    assert "gzip-compressed" in (layout.rejection("liar") or "")
+    directory = load_layout(open_archive(str(w.write_directory(tmp_path / "dir.oci"))))
+    assert set(directory.tags) == {"good"}
+
+
+def test_shared_layer_is_sniffed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = LayoutWriter()
+    layer = w.add_layer({"shared": b"x"})
+    for arch in ("amd64", "arm64", "ppc64le"):
+        w.tag(w.add_image([layer], architecture=arch), arch)
+    path = w.write_archive(tmp_path / "a.oci")
+    archive = open_archive(str(path))
+    heads: list[str] = []
+    original = archive.head
+
+    def counting(name: str) -> bytes:
+        heads.append(name)
+        return original(name)
+
+    monkeypatch.setattr(archive, "head", counting)
+    assert len(load_layout(archive).tags) == 3
+    assert heads == [blob_member(layer.digest)]
+
+
+def test_rejected_child_of_an_index_is_named_by_digest(tmp_path: Path) -> None:
+    w = LayoutWriter()
+    amd, _ = small_image(w, "amd")
+    arm = replace(lying_image(w, ZSTD, OCI_GZIP),
+                  platform=Platform("arm64", "linux"))
+    index = w.add_index([amd, arm])
+    w.tag(index, "multi")
+    layout = load(w, tmp_path)
+    assert layout.tags == {"multi": index.digest}
+    assert layout.manifests[index.digest].children == (amd.digest,)
+    assert "zstd-compressed" in (layout.rejection(arm.digest) or "")
+    assert layout.rejection("multi") is None
+
+
+def test_rejected_tag_served_by_another_entry_is_not_rejected(tmp_path: Path) -> None:
+    w = LayoutWriter()
+    liar = lying_image(w, TAR, OCI_GZIP)
+    good, _ = small_image(w, "good")
+    w.tag(liar, "1.0")
+    w.tag(good, "1.0")
+    layout = load(w, tmp_path)
+    assert layout.tags == {"1.0": good.digest}
+    assert layout.rejection("1.0") is None
+
+
+def test_missing_blob_reason_is_kept_for_the_tag(tmp_path: Path) -> None:
+    w = LayoutWriter()
+    image, layers = small_image(w, "gone", layers=2)
+    other, _ = small_image(w, "other")
+    w.tag(image, "gone", containerd_name="docker.io/library/x:gone-too")
+    w.tag(other, "other")
+    w.remove_blob(layers[1].digest)
+    layout = load(w, tmp_path)
+    for tag in ("gone", "gone-too"):
+        assert f"layer {layers[1].digest} is missing" in (layout.rejection(tag) or "")

@@ -7,21 +7,38 @@ its members are located in the decompressed stream, small members are kept in me
 scan, and large ones are read back by decompressing again (the blob cache in a later layer makes
 that a one-time cost). An OCI layout *directory* is treated as an archive whose members are files.
 
+Besides the OCI layout's own members, the table keeps what a legacy ``docker save`` archive
+consists of (``manifest.json``, ``<config>.json``, ``<id>/layer.tar`` or ``<hex>.tar``); links
+among those are resolved to their targets' windows, since Docker and skopeo link repeated
+layers. Members not named by their digest are hashed once per archive fingerprint
+(:meth:`Archive.member_digests`), and every member's first bytes are at hand
+(:meth:`Archive.head`) so a layer's content can be told from what its manifest declares; with
+a blob cache, both are remembered across restarts beside the cache's archive indexes.
+
 Everything here blocks (stat, open, read): callers run it in a worker thread.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import enum
+import functools
 import gzip
+import hashlib
 import io
+import itertools
+import json
+import logging
 import os
+import posixpath
 import re
 import stat
 import tarfile
+import tempfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Final
 
@@ -31,6 +48,7 @@ from simple_oci_registry.blobcache import BlobCache, CachedIndex
 from simple_oci_registry.fingerprint import Fingerprint
 
 __all__ = [
+    "HEAD_BYTES",
     "Archive",
     "ArchiveError",
     "ArchiveKind",
@@ -41,14 +59,24 @@ __all__ = [
     "StaleArchiveError",
     "detect_kind",
     "open_archive",
+    "sniff",
 ]
+
+log = logging.getLogger(__name__)
 
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 _CHUNK: Final = 1 << 20
+HEAD_BYTES: Final = 512  # one tar header block: enough to tell tar, gzip and zstd apart
 # The members an OCI image layout consists of (image-spec, image-layout.md); anything else in
 # the tar is ignored.
 _MEMBER_RE: Final = re.compile(r"oci-layout|index\.json|blobs/[a-z0-9+._-]+/[a-zA-Z0-9=_-]+")
+# What a legacy `docker save` archive consists of (moby image/spec/v1.2.md and its
+# manifest.json): the manifest, image configs `<hex>.json`, layers `<id>/layer.tar` (Docker) or
+# `<hex>.tar` (skopeo, podman). `<id>/json` and `VERSION` are v1 metadata nobody needs.
+_DOCKER_MEMBER_RE: Final = re.compile(
+    r"manifest\.json|[A-Za-z0-9_][A-Za-z0-9._-]*\.(?:json|tar)|[A-Za-z0-9_][A-Za-z0-9._-]*/layer\.tar")
+_FACTS_VERSION: Final = 1
 
 
 class ArchiveError(Exception):
@@ -60,10 +88,32 @@ class StaleArchiveError(Exception):
 
 
 class ArchiveKind(enum.Enum):
+    """What a file is, told from its first bytes (also used for the content of layers)."""
+
     TAR = "tar"
     GZIP = "gzip"
     ZSTD = "zstd"
     DIRECTORY = "directory"
+
+
+def sniff(head: bytes) -> ArchiveKind | None:
+    """The format of bytes starting with ``head``: gzip, zstd, tar, or None (something else).
+
+    gzip: RFC 1952 §2.3.1 ID1 ID2; zstd: RFC 8878 §3.1.1 frame magic, or a skippable frame
+    (§3.1.2, 0x184D2A5?) as zstd:chunked may write; tar: the POSIX ustar magic at offset 257
+    (GNU tar writes "ustar  " there too), or an all-zero block, the end-of-archive marker that
+    is all an empty layer holds.
+    """
+    if head.startswith(_GZIP_MAGIC):
+        return ArchiveKind.GZIP
+    if head.startswith(_ZSTD_MAGIC) or (len(head) >= 4 and head[1:4] == b"\x2a\x4d\x18"
+                                         and head[0] & 0xF0 == 0x50):
+        return ArchiveKind.ZSTD
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return ArchiveKind.TAR
+    if len(head) == HEAD_BYTES and not head.strip(b"\0"):
+        return ArchiveKind.TAR
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,14 +171,22 @@ class MemberReader(ABC):
 
 
 class Archive(ABC):
-    """An indexed image archive: its identity at scan time and the members it holds."""
+    """An indexed image archive: its identity at scan time and the members it holds.
+
+    ``cache`` (set by :func:`open_archive`) is where facts that cost a pass over the bytes
+    (member digests, a compressed member's first bytes) are remembered across restarts.
+    """
 
     kind: ArchiveKind
 
-    def __init__(self, path: str, fingerprint: Fingerprint, members: Mapping[str, Member]) -> None:
+    def __init__(self, path: str, fingerprint: Fingerprint, members: Mapping[str, Member],
+                 cache: BlobCache | None = None) -> None:
         self.path = path
         self.fingerprint = fingerprint
         self.members = members
+        self.cache = cache
+        self.aliases: Mapping[str, str] = {}  # link member -> the member it links to
+        self._digests: dict[str, str] = {}
 
     @abstractmethod
     def read_member(self, name: str, limit: int) -> bytes:
@@ -138,8 +196,52 @@ class Archive(ABC):
     def open_member(self, name: str) -> MemberReader:
         """Open a member for streaming; raises StaleArchiveError if the file changed."""
 
-    def prepare(self, name: str) -> None:  # noqa: B027 - a hook; most kinds need nothing
-        """Make ``open_member(name)`` fast (compressed archives fill the blob cache)."""
+    def open_blob(self, name: str, digest: str) -> MemberReader:
+        """Open the member holding blob ``digest`` (compressed archives cache it by digest)."""
+        return self.open_member(name)
+
+    def prepare(self, name: str, digest: str | None = None) -> None:  # noqa: B027 - a hook
+        """Make ``open_blob(name, digest)`` fast (compressed archives fill the blob cache)."""
+
+    def head(self, name: str) -> bytes:
+        """The member's first bytes (up to HEAD_BYTES): enough to tell what format it is in."""
+        with self.open_member(name) as reader:
+            return reader.read(HEAD_BYTES)
+
+    def member_digests(self, names: Collection[str]) -> dict[str, str]:
+        """The sha256 digests of members that are not named by digest (docker-save layers).
+
+        Each member is hashed once per archive fingerprint: the result is remembered by this
+        object and, with a cache, in a file beside the cache's archive indexes, so a restart or
+        another worker process reads it instead of hashing gigabytes again. The caller must
+        not trust more than the fingerprint vouches for: the file is re-checked whenever a
+        member is opened.
+        """
+        # A link (a repeated layer) has its target's bytes: hash those once.
+        targets = {n: self.aliases.get(n, n) for n in names}
+        wanted = [n for n in dict.fromkeys(targets.values()) if n not in self._digests]
+        if wanted and self.cache is not None:
+            with self.cache.indexing(self.path, self.fingerprint):
+                facts = _load_facts(self.cache, self.path, self.fingerprint)
+                if facts is not None:
+                    self._digests.update(facts.digests)
+                missing = [n for n in wanted if n not in self._digests]
+                if missing:
+                    for name in missing:
+                        self._digests[name] = self._hash(name)
+                    _save_facts(self.cache, self.path, self.fingerprint, _Facts(
+                        dict(self._digests), facts.heads if facts is not None else {}))
+        else:
+            for name in wanted:
+                self._digests[name] = self._hash(name)
+        return {n: self._digests[target] for n, target in targets.items()}
+
+    def _hash(self, name: str) -> str:
+        hasher = hashlib.sha256()
+        with self.open_member(name) as reader:
+            while chunk := reader.read(_CHUNK):
+                hasher.update(chunk)
+        return "sha256:" + hasher.hexdigest()
 
     def _member(self, name: str, limit: int | None = None) -> Member:
         member = self.members.get(name)
@@ -186,39 +288,137 @@ def open_archive(path: str, limits: ArchiveLimits | None = None,
     """Index the archive at ``path`` (blocking); ``cache`` serves compressed archives."""
     limits = limits or ArchiveLimits()
     kind = detect_kind(path)
+    archive: Archive
     if kind is ArchiveKind.TAR:
-        return TarArchive.scan(path, limits)
-    if kind is ArchiveKind.DIRECTORY:
-        return DirectoryArchive.scan(path, limits)
-    return CompressedTarArchive.scan(path, kind, limits, cache)
+        archive = TarArchive.scan(path, limits)
+    elif kind is ArchiveKind.DIRECTORY:
+        archive = DirectoryArchive.scan(path, limits)
+    else:
+        return CompressedTarArchive.scan(path, kind, limits, cache)
+    archive.cache = cache  # remembers the digests of members not named by digest
+    return archive
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What a pass over an archive's bytes found out, remembered beside the cache's indexes."""
+
+    digests: dict[str, str]  # member name -> sha256 digest, for members not named by digest
+    heads: dict[str, bytes]  # member name -> first bytes, for large compressed members
+
+
+def _facts_path(cache: BlobCache, path: str, fingerprint: Fingerprint) -> str:
+    # Keyed like the cache's own index files (path and the full fingerprint, ctime included):
+    # an in-place rewrite must not be answered with the old version's digests.
+    key = json.dumps([path, fingerprint.device, fingerprint.inode, fingerprint.size,
+                      fingerprint.mtime_ns, fingerprint.ctime_ns])
+    return os.path.join(cache.directory, "facts",
+                        hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+
+def _load_facts(cache: BlobCache, path: str, fingerprint: Fingerprint) -> _Facts | None:
+    """The remembered facts, or None when absent or damaged (then they are found again)."""
+    try:
+        with open(_facts_path(cache, path, fingerprint), "rb") as f:
+            raw = json.loads(f.read())
+        if raw.get("version") != _FACTS_VERSION or raw.get("archive") != path:
+            return None
+        digests = {str(k): str(v) for k, v in raw["digests"].items()}
+        heads = {str(k): base64.b64decode(v, validate=True) for k, v in raw["heads"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not all(re.fullmatch(r"sha256:[0-9a-f]{64}", d) for d in digests.values()):
+        return None
+    return _Facts(digests, heads)
+
+
+def _save_facts(cache: BlobCache, path: str, fingerprint: Fingerprint, facts: _Facts) -> None:
+    """Write the facts atomically (temporary file, fsync, rename); failure only costs time."""
+    target = _facts_path(cache, path, fingerprint)
+    document = {"version": _FACTS_VERSION, "archive": path, "digests": facts.digests,
+                "heads": {k: base64.b64encode(v).decode() for k, v in facts.heads.items()}}
+    tmp = ""
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.directory / "tmp", prefix="facts")
+        with os.fdopen(fd, "w") as out:
+            json.dump(document, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+        tmp = ""
+    except OSError as exc:
+        log.warning("cannot remember member digests of %s: %s", path, exc)
+    finally:
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _strip(name: str) -> str:
+    while name.startswith("./"):
+        name = name[2:]
+    return name
 
 
 def _normalise(name: str) -> str | None:
-    """The layout-relative name of a tar member, or None when it is not part of a layout."""
-    while name.startswith("./"):
-        name = name[2:]
-    return name if _MEMBER_RE.fullmatch(name) else None
+    """The archive-relative name of a tar member, or None when no image format uses it."""
+    name = _strip(name)
+    return name if _MEMBER_RE.fullmatch(name) or _DOCKER_MEMBER_RE.fullmatch(name) else None
 
 
-def _collect(
-    entries: list[tuple[tarfile.TarInfo, str]], limits: ArchiveLimits
-) -> dict[str, Member]:
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """The member table, and which of its names are links to which other member."""
+
+    members: dict[str, Member]
+    aliases: dict[str, str]
+
+
+def _link_target(info: tarfile.TarInfo, name: str) -> str:
+    # A symlink's target is relative to its own directory; a hard link's names a member
+    # (POSIX pax, typeflag 1 and 2).
+    if info.issym():
+        return posixpath.normpath(posixpath.join(posixpath.dirname(name), info.linkname))
+    return _strip(info.linkname)
+
+
+def _collect(entries: list[tuple[tarfile.TarInfo, str]], limits: ArchiveLimits) -> _Table:
     """Turn scanned tar headers into the member table, refusing what must not be served."""
     members: dict[str, Member] = {}
+    links: dict[str, str] = {}
     duplicates: set[str] = set()
     for info, name in entries:
+        oci = _MEMBER_RE.fullmatch(name) is not None
         if not info.isreg() or info.sparse is not None:
+            if not oci and (info.issym() or info.islnk()):
+                # Docker and skopeo link a layer that an image repeats to its first copy
+                # (moby image/tarexport/save.go): the link serves the target's window.
+                links[name] = _link_target(info, name)
+                continue
+            if not oci and info.isdir():
+                continue  # a directory named like a layer file is no layer
             # Links could point anywhere and sparse files have holes the window doesn't map:
             # neither is a byte window we can vouch for.
             raise ArchiveError(f"{name} is a {_type_name(info)}, not a regular file")
         if name in members:
             duplicates.add(name)
         members[name] = Member(name, info.offset_data, info.size)
-    if duplicates:
-        raise ArchiveError(f"duplicate members: {', '.join(sorted(duplicates)[:5])}")
+    if duplicates or set(links) & set(members):
+        both = duplicates | (set(links) & set(members))
+        raise ArchiveError(f"duplicate members: {', '.join(sorted(both)[:5])}")
     if len(members) > limits.max_members:
         raise ArchiveError(f"more than {limits.max_members} members")
-    return members
+    aliases: dict[str, str] = {}
+    for name, target in links.items():
+        for _hop in range(8):  # a link to a link; a loop or a dangling link serves nothing
+            if target not in links:
+                break
+            target = links[target]
+        if target in members:
+            aliases[name] = target
+            members[name] = Member(name, members[target].offset, members[target].size)
+    return _Table(members, aliases)
 
 
 # Pax records and GNU long names of real archives are a few hundred bytes; tarfile reads such
@@ -340,7 +540,10 @@ class TarArchive(Archive):
                             entries.append((info, name))
             except (tarfile.TarError, EOFError) as exc:
                 raise ArchiveError(f"unreadable tar: {exc}") from exc
-        return cls(path, fingerprint, _collect(entries, limits))
+        table = _collect(entries, limits)
+        archive = cls(path, fingerprint, table.members)
+        archive.aliases = table.aliases
+        return archive
 
     def read_member(self, name: str, limit: int) -> bytes:
         member = self._member(name, limit)
@@ -354,6 +557,11 @@ class TarArchive(Archive):
         member = self._member(name)
         return _FdReader(_open_checked(self.path, self.fingerprint), member.offset, member.size,
                          self.fingerprint)
+
+    def head(self, name: str) -> bytes:
+        member = self._member(name)
+        with _open_checked(self.path, self.fingerprint) as f:
+            return os.pread(f.fileno(), min(member.size, HEAD_BYTES), member.offset)
 
 
 class _BoundedReader(io.RawIOBase):
@@ -451,19 +659,23 @@ class CompressedTarArchive(Archive):
 
     With a blob cache, the one decompression pass that indexing needs anyway (skopeo writes
     index.json *after* the blobs, so nothing is known before the end) also stores every large
-    blob in the cache, verified; blobs are then served from there with sendfile. The member
-    table and small members are remembered in the cache too, so an unchanged archive is not
-    decompressed again after a restart, nor by a second worker process. Without a cache,
-    members are decompressed again for each transfer.
+    blob in the cache, verified; blobs are then served from there with sendfile. Large members
+    of a legacy docker-save archive are not named by digest: the pass hashes them on the way
+    and caches them under the digest it found. The member table, small members, those digests
+    and every large member's first bytes are remembered in the cache too, so an unchanged
+    archive is not decompressed again after a restart, nor by a second worker process.
+    Without a cache, members are decompressed again for each transfer.
     """
 
     def __init__(self, path: str, fingerprint: Fingerprint, members: Mapping[str, Member],
                  kind: ArchiveKind, small: Mapping[str, bytes],
-                 cache: BlobCache | None = None) -> None:
-        super().__init__(path, fingerprint, members)
+                 cache: BlobCache | None = None, heads: Mapping[str, bytes] | None = None,
+                 digests: Mapping[str, str] | None = None) -> None:
+        super().__init__(path, fingerprint, members, cache)
         self.kind = kind
         self._small = small
-        self._cache = cache
+        self._heads = dict(heads or {})
+        self._digests.update(digests or {})
 
     @classmethod
     def scan(cls, path: str, kind: ArchiveKind, limits: ArchiveLimits,
@@ -473,14 +685,18 @@ class CompressedTarArchive(Archive):
         fingerprint = Fingerprint.of_path(path)
         with cache.indexing(path, fingerprint):
             remembered = cache.load_index(path, fingerprint)
-            if remembered is not None:
+            facts = _load_facts(cache, path, fingerprint)
+            if remembered is not None and facts is not None:
                 # Blobs evicted since are decompressed again on demand, one at a time.
                 members = {n: Member(n, off, size) for n, (off, size) in remembered.members.items()}
-                return cls(path, fingerprint, members, kind, remembered.small, cache)
+                return cls(path, fingerprint, members, kind, remembered.small, cache,
+                           facts.heads, facts.digests)
             archive = cls._scan(path, kind, limits, cache)
             cache.save_index(path, archive.fingerprint, CachedIndex(
                 {m.name: (m.offset, m.size) for m in archive.members.values()},
                 dict(archive._small)))
+            _save_facts(cache, path, archive.fingerprint,
+                        _Facts(dict(archive._digests), archive._heads))
             return archive
 
     @classmethod
@@ -488,6 +704,8 @@ class CompressedTarArchive(Archive):
               cache: BlobCache | None) -> CompressedTarArchive:
         entries: list[tuple[tarfile.TarInfo, str]] = []
         small: dict[str, bytes] = {}
+        heads: dict[str, bytes] = {}
+        digests: dict[str, str] = {}
         small_total = 0
         with _open_regular(path) as raw:
             fingerprint = Fingerprint.of_fd(raw.fileno())
@@ -511,23 +729,43 @@ class CompressedTarArchive(Archive):
                             entries.append((info, name))
                             if not info.isreg():
                                 continue
+                            extracted = tf.extractfile(info)
+                            if extracted is None:
+                                continue
                             if info.size <= limits.small_member_bytes:
                                 small_total += info.size
                                 if small_total > limits.max_small_total:
                                     raise ArchiveError("too many small members")
-                                extracted = tf.extractfile(info)
-                                if extracted is not None:
-                                    small[name] = extracted.read()
-                            elif cache is not None and (digest := _blob_digest(name)):
-                                _tee_into(cache, digest, info.size, tf.extractfile(info))
+                                small[name] = extracted.read()
+                                continue
+                            # Large: keep the first bytes (what a layer really is), then
+                            # cache it under its digest, hashing it first if not named by it.
+                            head = extracted.read(HEAD_BYTES)
+                            heads[name] = head
+                            chunks = itertools.chain(
+                                (head,), iter(functools.partial(extracted.read, _CHUNK), b""))
+                            digest = _blob_digest(name)
+                            if digest is None:
+                                digests[name] = _hash_into(cache, info.size, chunks)
+                            elif cache is not None:
+                                _tee_into(cache, digest, info.size, chunks)
             except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError) as exc:
                 # gzip raises zlib.error (not OSError) for a corrupt deflate stream.
                 raise ArchiveError(f"unreadable {kind.value} archive: {exc}") from exc
-        members = _collect(entries, limits)
+        table = _collect(entries, limits)
         for name, data in small.items():
-            if len(data) != members[name].size:
+            if len(data) != table.members[name].size:
                 raise ArchiveError(f"{name} is truncated")
-        return cls(path, fingerprint, members, kind, small, cache)
+        for name, target in table.aliases.items():
+            if target in small:
+                small[name] = small[target]
+            if target in heads:
+                heads[name] = heads[target]
+            if target in digests:
+                digests[name] = digests[target]
+        archive = cls(path, fingerprint, table.members, kind, small, cache, heads, digests)
+        archive.aliases = table.aliases
+        return archive
 
     def read_member(self, name: str, limit: int) -> bytes:
         self._member(name, limit)
@@ -536,13 +774,24 @@ class CompressedTarArchive(Archive):
             raise ArchiveError(f"{name} is too large to read into memory")
         return data
 
+    def head(self, name: str) -> bytes:
+        self._member(name)
+        data = self._small.get(name)
+        if data is None:
+            data = self._heads.get(name)
+        if data is None:  # not recorded (cannot happen for a scanned member): read it
+            return super().head(name)
+        return data[:HEAD_BYTES]
+
     def open_member(self, name: str) -> MemberReader:
+        return self.open_blob(name, _blob_digest(name) or self._digests.get(name, ""))
+
+    def open_blob(self, name: str, digest: str) -> MemberReader:
         member = self._member(name)
         data = self._small.get(name)
         if data is not None:
             return _BytesReader(data)
-        digest = _blob_digest(name)
-        if self._cache is not None and digest is not None:
+        if self.cache is not None and digest:
             cached = self._from_cache(digest, member)
             if cached is not None:
                 return cached
@@ -553,11 +802,11 @@ class CompressedTarArchive(Archive):
             raw.close()
             raise
 
-    def prepare(self, name: str) -> None:
+    def prepare(self, name: str, digest: str | None = None) -> None:
         member = self._member(name)
-        digest = _blob_digest(name)
-        if (self._cache is not None and digest is not None and name not in self._small
-                and not self._cache.contains(digest, member.size)):
+        digest = digest or _blob_digest(name)
+        if (self.cache is not None and digest is not None and name not in self._small
+                and not self.cache.contains(digest, member.size)):
             reader = self._from_cache(digest, member)
             if reader is not None:
                 reader.close()
@@ -568,30 +817,52 @@ class CompressedTarArchive(Archive):
         The fill lock makes concurrent requests, in this process or another worker, wait
         for one decompression instead of each doing their own.
         """
-        assert self._cache is not None
-        file = self._cache.open(digest, member.size)
+        assert self.cache is not None
+        file = self.cache.open(digest, member.size)
         if file is None:
-            with self._cache.filling(digest, member.size) as needed:
+            with self.cache.filling(digest, member.size) as needed:
                 if needed:
                     raw = _open_checked(self.path, self.fingerprint)
-                    self._cache.count_decompression()
+                    self.cache.count_decompression()
                     with _StreamReader(raw, self.kind, member, self.fingerprint) as reader:
-                        if not self._cache.store(digest, member.size,
-                                                 iter(lambda: reader.read(_CHUNK), b"")):
+                        if not self.cache.store(digest, member.size,
+                                                iter(lambda: reader.read(_CHUNK), b"")):
                             raise ArchiveError(f"{member.name} does not match its digest")
-            file = self._cache.open(digest, member.size)
+            file = self.cache.open(digest, member.size)
         if file is None:
             return None
         return _FdReader(file, 0, member.size, Fingerprint.of_fd(file.fileno()))
 
 
-def _tee_into(cache: BlobCache, digest: str, size: int, source: IO[bytes] | None) -> None:
+def _tee_into(cache: BlobCache, digest: str, size: int, chunks: Iterator[bytes]) -> None:
     """Store a member that the scan is reading through anyway, unless it is cached already."""
-    if source is None or cache.contains(digest, size):
+    if cache.contains(digest, size):
         return
     with cache.filling(digest, size) as needed:
         if needed:
-            cache.store(digest, size, iter(lambda: source.read(_CHUNK), b""))
+            cache.store(digest, size, chunks)
+
+
+def _hash_into(cache: BlobCache | None, size: int, chunks: Iterator[bytes]) -> str:
+    """Hash a member that is not named by its digest; with a cache, keep it under that digest.
+
+    The digest is known only at the end, so the bytes go to an unnamed temporary file in the
+    cache's own directory first (same filesystem, never seen by others) and are stored from
+    there: a local copy instead of decompressing the archive again on the first pull.
+    """
+    hasher = hashlib.sha256()
+    if cache is None:
+        for chunk in chunks:
+            hasher.update(chunk)
+        return "sha256:" + hasher.hexdigest()
+    with tempfile.TemporaryFile(dir=cache.directory / "tmp") as spool:
+        for chunk in chunks:
+            hasher.update(chunk)
+            spool.write(chunk)
+        digest = "sha256:" + hasher.hexdigest()
+        spool.seek(0)
+        _tee_into(cache, digest, size, iter(lambda: spool.read(_CHUNK), b""))
+    return digest
 
 
 class DirectoryArchive(Archive):
@@ -652,6 +923,11 @@ class DirectoryArchive(Archive):
     def open_member(self, name: str) -> MemberReader:
         self._member(name)
         return self._open(name)
+
+    def head(self, name: str) -> bytes:
+        self._member(name)
+        with self._open(name) as reader:
+            return reader.read(HEAD_BYTES)
 
     def _open(self, name: str) -> MemberReader:
         fingerprint = self._files[name]

@@ -39,7 +39,7 @@ from simple_oci_registry.blobcache import BlobCache
 from simple_oci_registry.config import Config
 from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.fingerprint import Fingerprint
-from simple_oci_registry.layout import ImageLayout, ManifestRecord, blob_member, load_layout
+from simple_oci_registry.layout import ImageLayout, ManifestRecord, load_layout
 from simple_oci_registry.reference import Digest
 from simple_oci_registry.resolver import Candidate, Pattern, list_candidates, ordered, walk_names
 
@@ -188,10 +188,9 @@ class ImageStore:
                 await self._verify(location)
                 layout = location.layout
                 assert layout is not None
-                member = blob_member(location.digest)
                 # For compressed archives _verify has filled the blob cache, once for all
-                # concurrent requests; open_member refills it only if evicted since.
-                reader = await asyncio.to_thread(layout.archive.open_member, member)
+                # concurrent requests; open_blob refills it only if evicted since.
+                reader = await asyncio.to_thread(layout.open_blob, location.digest)
                 return location, reader
             except ArchiveError as exc:
                 self.stats.archive_errors += 1
@@ -393,17 +392,19 @@ class ImageStore:
             if self.cache is None:
                 return True  # verified while it streams; the last piece is held back
             try:
-                location.layout.archive.prepare(blob_member(location.digest))
+                location.layout.prepare_blob(location.digest)
             except ArchiveError:
                 return False  # the cache refused bytes that do not match the digest
             return True
+        if location.digest in location.layout.verified:
+            return True  # hashed when indexed (docker-save layers are found by hashing)
         return self._hash_member(location)
 
     def _hash_member(self, location: BlobLocation) -> bool:
         assert location.layout is not None
         algorithm, _, encoded = location.digest.partition(":")
         hasher = hashlib.new(algorithm)
-        with location.layout.archive.open_member(blob_member(location.digest)) as reader:
+        with location.layout.open_blob(location.digest) as reader:
             while chunk := reader.read(_HASH_CHUNK):
                 hasher.update(chunk)
             self.stats.verified_bytes += reader.size
@@ -426,6 +427,13 @@ class ImageStore:
                   for c in candidates if c.path in self._broken]
         if broken:
             detail["unservable"] = broken[:5]
+        # An entry that was refused when indexed (missing blob, a layer whose bytes are not
+        # what its media type says): tell the client why, not only that it is unknown.
+        rejected = [f"{self._relative(c.path)}: {why}" for c in candidates
+                    if (held := self._layouts.get(c.path)) is not None
+                    and (why := held.rejection(reference)) is not None]
+        if rejected:
+            detail["rejected"] = rejected[:5]
         return detail
 
     def _relative(self, path: str) -> str:
