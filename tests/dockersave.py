@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["LegacyImage", "WrittenImage", "docker25_archive", "layer_tar", "legacy_archive",
-           "sha256"]
+__all__ = ["LegacyImage", "WrittenImage", "docker25_archive", "expected_image", "layer_tar",
+           "legacy_archive", "sha256"]
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -81,17 +81,22 @@ class WrittenImage:
         return sha256(self.manifest)
 
 
-def _expected(image: LegacyImage) -> WrittenImage:
-    config = image.config()
-    layers = [{"digest": sha256(layer), "mediaType": DOCKER_LAYER_GZIP
-               if layer[:2] == b"\x1f\x8b" else DOCKER_LAYER, "size": len(layer)}
-              for layer in image.layers]
+def expected_image(config: bytes, layers: Sequence[bytes],
+                   repo_tags: Sequence[str] = ()) -> WrittenImage:
+    """What the registry must serve for a docker-save entry with these members."""
+    descriptors = [{"digest": sha256(layer), "mediaType": DOCKER_LAYER_GZIP
+                    if layer[:2] == b"\x1f\x8b" else DOCKER_LAYER, "size": len(layer)}
+                   for layer in layers]
     manifest = {"config": {"digest": sha256(config), "mediaType": DOCKER_CONFIG,
                            "size": len(config)},
-                "layers": layers, "mediaType": DOCKER_MANIFEST, "schemaVersion": 2}
-    tags = tuple(t.rsplit(":", 1)[1] for t in image.repo_tags or ())
+                "layers": descriptors, "mediaType": DOCKER_MANIFEST, "schemaVersion": 2}
+    tags = tuple(t.rsplit(":", 1)[1] for t in repo_tags)
     return WrittenImage(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode(),
-                        sha256(config), tuple(sha256(layer) for layer in image.layers), tags)
+                        sha256(config), tuple(sha256(layer) for layer in layers), tags)
+
+
+def _expected(image: LegacyImage) -> WrittenImage:
+    return expected_image(image.config(), image.layers, image.repo_tags or ())
 
 
 class _Tar:
