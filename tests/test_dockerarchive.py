@@ -336,3 +336,24 @@ def test_compressed_legacy_archive_without_a_cache(tmp_path: Path) -> None:
                                 compression="gzip")
     layout = load(tmp_path / "a.oci", None, ArchiveLimits(small_member_bytes=100_000))
     assert_serves(layout, expected)
+
+
+def test_layers_shared_by_entries_are_read_once(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed = count_hashing(monkeypatch)
+    images = [LegacyImage([BASE, APP], ("app:1.0",)), LegacyImage([BASE, APP, BASE], ("app:2.0",))]
+    written = legacy_archive(tmp_path / "a.oci", images)  # docker style: repeats are links
+    archive = open_archive(str(tmp_path / "a.oci"))
+    heads: list[str] = []
+    original = archive.head
+
+    def counting(name: str) -> bytes:
+        heads.append(name)
+        return original(name)
+
+    monkeypatch.setattr(archive, "head", counting)
+    layout = load_layout(archive)
+    assert layout.tags == {"1.0": written[0].digest, "2.0": written[1].digest}
+    # Five layer references, two distinct layers (the writer links every repeat to the first
+    # copy, as Docker does): each is sniffed and hashed once.
+    assert len(heads) == len(set(heads)) == len(hashed) == 2

@@ -134,6 +134,14 @@ class _Reader:
 
     def __init__(self, archive: Archive) -> None:
         self.archive = archive
+        self._formats: dict[str, ArchiveKind | None] = {}  # member -> sniffed content
+
+    def _format(self, name: str) -> ArchiveKind | None:
+        """What a layer member holds; entries share layers, so each is read once."""
+        target = self.archive.aliases.get(name, name)
+        if target not in self._formats:
+            self._formats[target] = sniff(self.archive.head(target))
+        return self._formats[target]
 
     def plan(self, entry: object, label: str) -> _Plan:
         if not isinstance(entry, dict):
@@ -162,7 +170,7 @@ class _Reader:
                     raise _Rejected(f"layer {name} is missing from the archive")
                 layers.append(_Layer(None, str(foreign["mediaType"]), foreign))
                 continue
-            kind = sniff(self.archive.head(name))
+            kind = self._format(name)
             media_type = _LAYER_TYPES.get(kind) if kind is not None else None
             if media_type is None:
                 raise _Rejected(f"layer {name} is {describe_format(kind)}: a docker-save "
