@@ -593,13 +593,6 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"no metric {name}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "store._verified is keyed by (path, fingerprint, digest) and only pruned by path (rescan "
-    "keeps every key whose path is still served), so each replacement of an archive leaves "
-    "its old fingerprint's entries behind for ever: registry_cache_entries{cache="
-    "\"verified_blobs\"} grows by one per verified blob per replacement (6000 after 3000 "
-    "replacements of a 2-blob archive, RSS +2 MB; +15 MB in the 5-minute soak). Entries of a "
-    "path's superseded fingerprints should go when the path is re-indexed (or at rescan)"))
 def test_replacements_do_not_grow_the_verification_cache(tmp_path: Path) -> None:
     images = tmp_path / "images"
     (images / "swap").mkdir(parents=True)

@@ -264,7 +264,8 @@ class ImageStore:
             del self._layouts[path]
         for path in [p for p in self._broken if p not in live]:
             del self._broken[path]
-        self._verified = {k: v for k, v in self._verified.items() if k[0] in live}
+        current = {path: layout.archive.fingerprint for path, layout in self._layouts.items()}
+        self._verified = {k: v for k, v in self._verified.items() if current.get(k[0]) == k[1]}
         self._catalog = None
         log.debug("rescan: %d names, %d archives indexed, %d unservable, %.3fs",
                   len(self._views), len(self._layouts), len(self._broken),
@@ -347,11 +348,19 @@ class ImageStore:
         for problem in layout.problems:
             log.warning("%s: skipped an entry: %s", self._relative(candidate.path), problem)
         self._layouts[candidate.path] = layout
+        self._forget_verifications(candidate.path, keep=layout.archive.fingerprint)
         if layout.archive.fingerprint != candidate.fingerprint:
             # Changed between listing and indexing: make the next request list again.
             for view in self._views.values():
                 view.checked_at = float("-inf")
         return layout
+
+    def _forget_verifications(self, path: str, *, keep: Fingerprint) -> None:
+        """Drop verdicts about earlier versions of ``path``: a replaced archive's digests
+        would otherwise stay for ever, one entry per blob per replacement."""
+        stale = [k for k in self._verified if k[0] == path and k[1] != keep]
+        for key in stale:
+            del self._verified[key]
 
     def _read_layout(self, path: str) -> ImageLayout:
         return load_layout(open_archive(path, self._limits, self.cache))
