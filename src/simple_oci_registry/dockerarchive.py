@@ -44,11 +44,10 @@ from simple_oci_registry.reference import tag_of_ref_name
 __all__ = ["MANIFEST_JSON", "canonical_json", "load_docker_layout"]
 
 MANIFEST_JSON: Final = "manifest.json"
-DOCKER_LAYER_GZIP: Final = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 # How each layer content is declared: Docker schema2 names no zstd layer type.
 _LAYER_TYPES: Final[Mapping[ArchiveKind, str]] = {
     ArchiveKind.TAR: mediatypes.DOCKER_LAYER,
-    ArchiveKind.GZIP: DOCKER_LAYER_GZIP,
+    ArchiveKind.GZIP: mediatypes.DOCKER_LAYER_GZIP,
 }
 
 

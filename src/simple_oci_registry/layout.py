@@ -39,8 +39,6 @@ __all__ = ["ImageLayout", "ManifestRecord", "blob_member", "declared_format", "d
 
 log = logging.getLogger(__name__)
 
-REF_NAME: Final = "org.opencontainers.image.ref.name"
-CONTAINERD_NAME: Final = "io.containerd.image.name"
 MAX_MANIFEST_BYTES: Final = 4 << 20  # distribution refuses manifests over 4 MiB
 MAX_INDEX_DEPTH: Final = 8
 MAX_MANIFESTS: Final = 10_000
@@ -145,7 +143,7 @@ def oci_blobs(archive: Archive) -> dict[str, str]:
 def tags_of(annotations: Mapping[str, str]) -> list[str]:
     """The tags an index.json entry carries (bare or full reference, containerd's name)."""
     tags: list[str] = []
-    for key in (REF_NAME, CONTAINERD_NAME):
+    for key in (mediatypes.ANNOTATION_REF_NAME, mediatypes.ANNOTATION_CONTAINERD_NAME):
         tag = tag_of_ref_name(annotations[key]) if key in annotations else None
         if tag is not None and tag not in tags:
             tags.append(tag)
