@@ -34,6 +34,7 @@ from simple_oci_registry.layout import blob_member
 from simple_oci_registry.layoutwriter import LayoutWriter
 from simple_oci_registry.reference import parse_digest
 from simple_oci_registry.store import ImageStore
+from tests.dockersave import LegacyImage, layer_tar, legacy_archive
 from tests.images import StandardImages, build_standard_images, small_image
 
 
@@ -386,3 +387,16 @@ def test_check_on_a_fresh_copy_of_the_standard_images_is_stable(tmp_path: Path) 
     images = build_standard_images(tmp_path / "again")
     first = check_directory(root_of(images.root))
     assert first == check_directory(root_of(images.root))
+
+
+def test_check_hashes_the_blobs_of_a_legacy_docker_save(tmp_path: Path) -> None:
+    """Legacy docker-save layers live at ``<id>/layer.tar``, not ``blobs/…``: check must
+    still hash them (through the layout's digest map)."""
+    root = tmp_path / "images"
+    root.mkdir()
+    image = LegacyImage(layers=(layer_tar({"a.txt": b"a"}), layer_tar({"b.txt": b"b"})),
+                        repo_tags=("legacy:1.0",))
+    legacy_archive(root / "legacy.oci", [image])
+    report = check_directory(str(root))
+    assert report.ok, report.problems
+    assert report.blobs_hashed >= 3  # the config and both layers

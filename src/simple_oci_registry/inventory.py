@@ -37,7 +37,6 @@ from simple_oci_registry.layout import (
     MAX_MANIFEST_BYTES,
     ImageLayout,
     ManifestRecord,
-    blob_member,
     load_layout,
 )
 from simple_oci_registry.resolver import (
@@ -233,7 +232,7 @@ def _config_platform(layout: ImageLayout, record: ManifestRecord) -> str | None:
     if not record.blobs:
         return None
     try:
-        data = layout.archive.read_member(blob_member(record.blobs[0]), MAX_MANIFEST_BYTES)
+        data = layout.archive.read_member(layout.member(record.blobs[0]), MAX_MANIFEST_BYTES)
         config = json.loads(data)
     except (ArchiveError, StaleArchiveError, OSError, ValueError, RecursionError):
         return None  # an artifact's config, or unreadable: no platform to show
@@ -497,18 +496,25 @@ class _Hashed:
     problems: tuple[Problem, ...]
 
 
-def _hash_blobs(archive: Archive, file: str, limits: ArchiveLimits,
-                already_reported: Iterable[Problem]) -> _Hashed:
-    """Hash every blob member, streamed, and compare it with the digest it is named by."""
+def _blob_members(archive: Archive, layout: ImageLayout | None) -> dict[str, str]:
+    """Digest → member of every blob: the layout's map when the layout loaded (it also knows
+    docker-save members such as ``<id>/layer.tar``), else the ``blobs/<alg>/<hex>`` names."""
+    found = {f"{n.split('/')[1]}:{n.split('/')[2]}": n for n in archive.members
+             if n.startswith("blobs/") and n.count("/") == 2}
+    if layout is not None:
+        found.update(layout.blobs)
+    return found
+
+
+def _hash_blobs(archive: Archive, blob_members: Mapping[str, str], file: str,
+                limits: ArchiveLimits, already_reported: Iterable[Problem]) -> _Hashed:
+    """Hash every blob member, streamed, and compare it with its digest."""
     reported = [p.reason for p in already_reported]
     blobs = hashed = 0
     problems: list[Problem] = []
-    for name in sorted(archive.members):
-        if not name.startswith("blobs/"):
-            continue
+    for digest, name in sorted(blob_members.items()):
         member = archive.members[name]
-        algorithm, _, encoded = name[len("blobs/"):].partition("/")
-        digest = f"{algorithm}:{encoded}"
+        algorithm, _, encoded = digest.partition(":")
         try:
             hasher = hashlib.new(algorithm)
         except ValueError:
@@ -570,7 +576,8 @@ def check_directory(root: str, *, allow_outside: bool = False,
         opened = _open(root, path, candidates, limits)
         found = list(opened.summary.problems)
         if opened.archive is not None:
-            result = _hash_blobs(opened.archive, opened.summary.file, limits, found)
+            result = _hash_blobs(opened.archive, _blob_members(opened.archive, opened.layout),
+                                 opened.summary.file, limits, found)
             blobs += result.blobs
             hashed += result.size
             found += result.problems
