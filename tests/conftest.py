@@ -47,14 +47,15 @@ def shared_images(tmp_path_factory: pytest.TempPathFactory) -> StandardImages:
 
 
 @pytest.fixture
-def start_registry() -> Iterator[Callable[..., RegistryProcess]]:
-    """Start real registry processes (``start_registry(directory, *flags)``); all are stopped."""
+def start_registry(tmp_path: Path) -> Iterator[Callable[..., RegistryProcess]]:
+    """Start real registry processes (``start_registry(directory, *flags)``), each with its
+    own log file so log assertions see only its lines; all are stopped afterwards."""
     started: list[RegistryProcess] = []
 
     def start(directory: Path, *args: str) -> RegistryProcess:
-        process = RegistryProcess(directory, *args).start()
-        started.append(process)
-        return process
+        log_path = tmp_path / f"registry-{len(started)}.log"
+        started.append(RegistryProcess(directory, *args, log_path=log_path).start())
+        return started[-1]
 
     yield start
     for process in started:

@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-__all__ = ["RegistryProcess"]
+__all__ = ["RegistryProcess", "child_pids"]
 
 _URL = re.compile(r"(https?://[^\s/]+)/")
 
@@ -97,3 +97,19 @@ class RegistryProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def child_pids(pid: int) -> set[int]:
+    """The live (not zombie) child processes of ``pid``, read from /proc."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(entry))
+    return found

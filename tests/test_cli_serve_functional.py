@@ -8,6 +8,7 @@ seconds the process used (a resource bound), not wall time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from simple_oci_registry.layoutwriter import (
     random_chunks,
 )
 from tests.images import StandardImages, small_image
-from tests.server import RegistryProcess
+from tests.server import RegistryProcess, child_pids
 
 BIG = 64 << 20
 POLL_LIMIT = 30.0  # seconds; only reached when the behaviour is broken
@@ -58,18 +59,9 @@ Start = Callable[..., RegistryProcess]
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    """Start registry processes, each with its own log file; all are stopped afterwards."""
-    started: list[RegistryProcess] = []
-
-    def start(directory: Path, *args: str) -> RegistryProcess:
-        log_path = tmp_path / f"registry-{len(started)}.log"
-        started.append(RegistryProcess(directory, *args, log_path=log_path).start())
-        return started[-1]
-
-    yield start
-    for registry in started:
-        registry.stop()
+def start(start_registry: Start) -> Start:
+    """Registry processes with their own log files (conftest's start_registry)."""
+    return start_registry
 
 
 def poll(check: Callable[[], bool], what: str, limit: float = POLL_LIMIT) -> None:
@@ -165,20 +157,6 @@ def test_shutdown_timeout_bounds_a_stalled_download(big_image: BigImage, start: 
 # ------------------------------------------------------------------------------ workers
 
 
-def children_of(pid: int) -> set[int]:
-    """Live (non-zombie) child processes of ``pid``, from /proc."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.add(int(entry))
-    return found
 
 
 def all_ok(registry: RegistryProcess, paths: list[str], rounds: int) -> None:
@@ -195,22 +173,26 @@ def test_workers_run_as_children_and_a_killed_one_is_replaced(
     supervisor = registry.process.pid
     paths = ["/v2/app/manifests/1.0", f"/v2/app/blobs/{shared_images.layers['app:1.0'][0]}"]
     try:
-        poll(lambda: len(children_of(supervisor)) == 2, "two worker processes")
-        workers = children_of(supervisor)
+        poll(lambda: len(child_pids(supervisor)) == 2, "two worker processes")
+        workers = child_pids(supervisor)
         all_ok(registry, paths, 10)
 
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
-        poll(lambda: victim not in children_of(supervisor), "the killed worker gone")
+        poll(lambda: victim not in child_pids(supervisor), "the killed worker gone")
+        # Connections the kernel had already queued on the killed worker's socket are reset
+        # (SO_REUSEPORT keeps one accept queue per worker); new ones reach the other worker.
+        with contextlib.suppress(ConnectionError):
+            get(registry.url + paths[0])
         all_ok(registry, paths, 10)  # the other worker answers meanwhile
-        poll(lambda: len(children_of(supervisor)) == 2, "a replacement worker")
-        replacement = children_of(supervisor) - workers
+        poll(lambda: len(child_pids(supervisor)) == 2, "a replacement worker")
+        replacement = child_pids(supervisor) - workers
         assert len(replacement) == 1 and victim not in replacement
         all_ok(registry, paths, 20)
         assert registry.process.poll() is None
     finally:
         assert registry.stop() == 0
-    assert children_of(supervisor) == set()
+    assert child_pids(supervisor) == set()
     entries = [json.loads(line) for line in registry.log().splitlines()]
     assert any(f"worker {victim} exited" in e["message"] for e in entries)
 
@@ -228,8 +210,8 @@ def test_sigterm_while_a_worker_is_being_replaced(shared_images: StandardImages,
     registry = start(shared_images.root, "--workers", "2")
     assert registry.process is not None
     supervisor = registry.process.pid
-    poll(lambda: len(children_of(supervisor)) == 2, "two worker processes")
-    os.kill(min(children_of(supervisor)), signal.SIGKILL)
+    poll(lambda: len(child_pids(supervisor)) == 2, "two worker processes")
+    os.kill(min(child_pids(supervisor)), signal.SIGKILL)
     # Signal the supervisor while it sleeps before starting the replacement (the only
     # nanosleep in its loop; it otherwise blocks in wait4).
     poll(lambda: "nanosleep" in wchan(supervisor), "the supervisor's pause before respawning")
@@ -239,7 +221,7 @@ def test_sigterm_while_a_worker_is_being_replaced(shared_images: StandardImages,
     except subprocess.TimeoutExpired:
         pytest.fail("the supervisor did not exit after SIGTERM (a worker it never signalled)")
     assert registry.process.returncode == 0
-    assert children_of(supervisor) == set()
+    assert child_pids(supervisor) == set()
 
 
 # ------------------------------------------------------------------------------ environment

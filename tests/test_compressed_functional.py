@@ -18,7 +18,7 @@ import tarfile
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import pytest
 import zstandard
 from prometheus_client.parser import text_string_to_metric_families
 
-from simple_oci_registry.layoutwriter import LayerFile, LayoutWriter, random_chunks
+from simple_oci_registry.layoutwriter import Compression, LayerFile, LayoutWriter, random_chunks
 from tests.conftest import require
 from tests.server import RegistryProcess
 
@@ -75,7 +75,8 @@ def compressed(tmp_path_factory: pytest.TempPathFactory) -> Images:
     layer whose bytes do not match its digest: a cached-size one and an in-memory one)."""
     base = tmp_path_factory.mktemp("compressed")
     found = Images(base / "images")
-    for name, compression in (("gz", "gzip"), ("zs", "zstd")):
+    kinds: tuple[tuple[str, Compression], ...] = (("gz", "gzip"), ("zs", "zstd"))
+    for name, compression in kinds:
         writer = LayoutWriter()
         found.images[name] = build(writer, name)
         writer.write_archive(found.root / name / "1.0.oci", compression=compression)
@@ -92,18 +93,9 @@ Start = Callable[..., RegistryProcess]
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    """Start registry processes with their own log files (all stopped afterwards)."""
-    started: list[RegistryProcess] = []
-
-    def start(directory: Path, *args: str) -> RegistryProcess:
-        log_path = tmp_path / f"registry-{len(started)}.log"
-        started.append(RegistryProcess(directory, *args, log_path=log_path).start())
-        return started[-1]
-
-    yield start
-    for registry in started:
-        registry.stop()
+def start(start_registry: Start) -> Start:
+    """Registry processes with their own log files (conftest's start_registry)."""
+    return start_registry
 
 
 # ------------------------------------------------------------------------------ helpers

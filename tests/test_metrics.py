@@ -27,7 +27,7 @@ from simple_oci_registry.config import Config
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.store import ImageStore
 from tests.images import StandardImages, build_standard_images
-from tests.server import RegistryProcess
+from tests.server import RegistryProcess, child_pids
 
 Client = TestClient[Any, Any]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -249,18 +249,6 @@ async def test_complete_transfer_then_close_counts_as_200(
 # ------------------------------------------------------------------------------ workers
 
 
-def children_of(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.add(int(entry))
-    return found
 
 
 def worker_of(connection: http.client.HTTPConnection, server_port: int,
@@ -292,7 +280,7 @@ def get(url: str) -> int:
     try:
         with urllib.request.urlopen(url, timeout=10) as response:
             response.read()
-            return response.status
+            return int(response.status)
     except urllib.error.HTTPError as error:
         with error:
             return error.code
@@ -310,10 +298,10 @@ def test_any_worker_reports_the_whole_node(shared_images: StandardImages,
     host, port = registry.host.rsplit(":", 1)
     try:
         deadline = time.monotonic() + POLL_LIMIT
-        while len(children_of(supervisor)) != 2:
+        while len(child_pids(supervisor)) != 2:
             assert time.monotonic() < deadline, "two workers never started"
             time.sleep(0.05)
-        workers = children_of(supervisor)
+        workers = child_pids(supervisor)
         [metrics_dir] = scratch.glob("simple-oci-registry-metrics-*")
 
         made = 60

@@ -315,6 +315,7 @@ def _supervise(config: Config, port: int) -> int:
     """
     children: dict[int, int] = {}
     started: dict[int, float] = {}
+    signalled: set[int] = set()  # workers told to stop: their exit status is the shutdown's
     quick_failures = 0
     stopping = False
 
@@ -339,6 +340,7 @@ def _supervise(config: Config, port: int) -> int:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
+                signalled.add(pid)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -370,6 +372,10 @@ def _supervise(config: Config, port: int) -> int:
             time.sleep(0.5)  # no tight restart loop if a worker dies at once
             if not stopping:  # SIGTERM may have arrived during the pause
                 spawn(slot)
+        elif pid not in signalled:
+            # Died on its own just before the stop request (a worker killed and not yet
+            # reaped): reported, but not a failure of the shutdown itself.
+            log.error("worker %d exited (status %d) while stopping", pid, status)
         elif os.waitstatus_to_exitcode(status) not in (0, -signal.SIGTERM, -signal.SIGINT):
             exit_code = 1
     return exit_code
