@@ -19,7 +19,7 @@ __all__ = ["CUT_SHORT", "AccessLogger", "JsonFormatter", "configure_logging"]
 
 ACCESS_LOGGER: Final = "simple_oci_registry.access"
 # Request key: set to True on a request whose response went out in part only (see AccessLogger).
-CUT_SHORT: Final = "simple_oci_registry.cut_short"
+CUT_SHORT: Final = web.RequestKey("cut_short", bool)
 # Probes and scrapes arrive every few seconds on every node: logged at debug level only.
 _QUIET_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 _STANDARD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
