@@ -269,3 +269,23 @@ def test_skopeo_pull_needs_the_credentials(shared_images: StandardImages, htpass
             assert "unauthorized" in refused.stderr.lower(), refused.stderr
     finally:
         assert registry.stop() == 0
+
+
+async def test_unknown_users_cost_a_bcrypt_check_like_known_ones(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answering unknown names without hashing would let response times list the users."""
+    from simple_oci_registry import auth
+
+    checked: list[bytes] = []
+    real = auth._checkpw
+
+    def counting(user: str, password: bytes, hashed: bytes) -> bool:
+        checked.append(hashed)
+        return real(user, password, hashed)
+
+    monkeypatch.setattr(auth, "_checkpw", counting)
+    await assert_unauthorized(await client.get("/v2/", headers=basic("mallory", "guess")))
+    await assert_unauthorized(await client.get("/v2/", headers=basic("alice", "guess")))
+    assert len(checked) == 2
+    # The decoy has the cost factor of the file's hashes ("$2b$04$" here), not a cheaper one.
+    assert checked[0][:7] == checked[1][:7] == b"$2b$04$"

@@ -58,6 +58,7 @@ class BasicAuth:
         self._users: dict[str, bytes] = {}
         self._remembered: dict[bytes, float] = {}
         self._checked_at = 0.0
+        self._decoy_hash: bytes | None = None
         self._reload()
 
     def _reload(self) -> None:
@@ -71,6 +72,18 @@ class BasicAuth:
             self._users = parse_htpasswd(self._path.read_text(errors="replace"))
             self._remembered = {}
             self._fingerprint = fingerprint
+
+    def _decoy(self) -> bytes:
+        """A hash as costly to check as the file's own (their first user's cost factor)."""
+        rounds = 12
+        for hashed in self._users.values():
+            cost = hashed[4:6]
+            if cost.isdigit():
+                rounds = int(cost)
+            break
+        if self._decoy_hash is None or self._decoy_hash[4:6] != f"{rounds:02d}".encode():
+            self._decoy_hash = bcrypt.hashpw(b"decoy", bcrypt.gensalt(rounds=rounds))
+        return self._decoy_hash
 
     def challenge(self, detail: str) -> RegistryError:
         return RegistryError(ErrorCode.UNAUTHORIZED, detail,
@@ -91,6 +104,9 @@ class BasicAuth:
             await asyncio.to_thread(self._reload)
         hashed = self._users.get(user)
         if hashed is None:
+            # Pay for a bcrypt check anyway: answering unknown names at once would let response
+            # times tell which user names exist.
+            await asyncio.to_thread(lambda: _checkpw(user, password.encode(), self._decoy()))
             raise self.challenge("unknown user or wrong password")
         key = hashlib.sha256(hashed + b"\0" + password.encode()).digest()
         if self._remembered.get(key, 0.0) > now:
