@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo-images
+DEMO_CACHE ?= .demo-cache
 LISTEN ?= 127.0.0.1:5000
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
@@ -24,7 +25,7 @@ demo: setup
 	$(BIN)/python tools/make_demo.py $(DEMO_DIR)
 
 serve: demo
-	$(BIN)/simple-oci-registry serve --dir $(DEMO_DIR) --listen $(LISTEN)
+	$(BIN)/simple-oci-registry serve --dir $(DEMO_DIR) --listen $(LISTEN) --cache-dir $(DEMO_CACHE)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests tools bench
@@ -41,4 +42,4 @@ bench: setup
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) bench-results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(DEMO_DIR) $(DEMO_CACHE) bench-results .pytest_cache .mypy_cache .ruff_cache
