@@ -407,13 +407,33 @@ def _entry(name: str, tag: str | None, digest: str, summary: ArchiveSummary) -> 
                       summary.file, summary.modified_ns)
 
 
+def _tag_files(names: Mapping[str, tuple[Candidate, ...]],
+               summaries: Mapping[str, ArchiveSummary]) -> set[str]:
+    """Archives named ``<dir>/<tag>.oci`` that serve ``<dir>:<tag>``.
+
+    Pattern 5 (``<name>.oci``) also makes such a file pullable as ``<dir>/<tag>``; people
+    reading a listing expect ``busybox/1.36.oci`` to be ``busybox:1.36``, not a repository
+    ``busybox/1.36`` besides, so listings leave those aliases out (the server still serves
+    them, and ``/v2/_catalog`` still names them).
+    """
+    found: set[str] = set()
+    for candidates in names.values():
+        for c in candidates:
+            if (c.pattern is Pattern.IN_DIRECTORY and summaries[c.path].servable
+                    and c.stem in summaries[c.path].tags.get((c.pattern, c.stem), {})):
+                found.add(c.path)
+    return found
+
+
 def _resolve(names: Mapping[str, tuple[Candidate, ...]],
              summaries: Mapping[str, ArchiveSummary]) -> tuple[list[ImageEntry], list[Problem]]:
     """Every name's entries as the store resolves them, and the tags several files claim."""
     entries: list[ImageEntry] = []
     conflicts: list[Problem] = []
+    tag_files = _tag_files(names, summaries)
     for name in sorted(names):
-        usable = [c for c in names[name] if summaries[c.path].servable]
+        usable = [c for c in names[name] if summaries[c.path].servable
+                  and not (c.pattern is Pattern.WHOLE and c.path in tag_files)]
         tag_maps = {c.path: summaries[c.path].tags.get((c.pattern, c.stem), {}) for c in usable}
         tagged: set[str] = set()
         for tag in sorted({t for tags in tag_maps.values() for t in tags}):
