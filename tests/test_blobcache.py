@@ -6,6 +6,7 @@ cache serving real pulls is tested against a real process in test_compressed_fun
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -331,3 +332,28 @@ def test_no_directory_or_no_room_means_no_cache(tmp_path: Path,
         assert BlobCache.create(tmp_path / "cache", 0) is None
     assert not (tmp_path / "cache").exists()
     assert caplog.records == []  # not configured is not a problem worth a warning
+
+
+def test_old_records_and_unheld_old_locks_are_forgotten(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path / "cache", 1 << 20)
+    now = 1_000_000_000.0
+    month_and_more = now - 40 * 86400
+    (tmp_path / "cache" / "facts").mkdir()
+    old_index = tmp_path / "cache" / "indexes" / "old.json"
+    new_index = tmp_path / "cache" / "indexes" / "new.json"
+    old_facts = tmp_path / "cache" / "facts" / "old.json"
+    old_lock = tmp_path / "cache" / "locks" / "free"
+    held_lock = tmp_path / "cache" / "locks" / "held"
+    for path in (old_index, new_index, old_facts, old_lock, held_lock):
+        path.write_text("{}")
+    for path in (old_index, old_facts, old_lock, held_lock):
+        os.utime(path, (month_and_more, month_and_more))
+    os.utime(new_index, (now - 60, now - 60))
+    holder = os.open(held_lock, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # a filler at work right now
+        assert cache.forget_old_records(now=now) == 3
+    finally:
+        os.close(holder)
+    assert not old_index.exists() and not old_facts.exists() and not old_lock.exists()
+    assert new_index.exists() and held_lock.exists()

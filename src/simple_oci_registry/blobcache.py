@@ -27,6 +27,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 _INDEX_VERSION: Final = 1
 _EVICT_EVERY_BYTES: Final = 256 << 20
+_RECORD_MAX_AGE: Final = 30 * 86400.0
+_LOCK_MAX_AGE: Final = 86400.0
 
 
 @dataclass(slots=True)
@@ -78,6 +81,38 @@ class BlobCache:
         for leftover in (directory / "tmp").iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        self.forget_old_records()
+
+    def forget_old_records(self, now: float | None = None) -> int:
+        """Drop bookkeeping nobody needs any more; returns how many files went.
+
+        Remembered archive indexes and facts are written once per archive version and never
+        rewritten, so they pile up as archives are replaced: those older than
+        ``_RECORD_MAX_AGE`` go (one still in use costs one more decompression, then is
+        written again). Lock files older than ``_LOCK_MAX_AGE`` go when nobody holds them;
+        should a filler open one just before it goes, two fillers may decompress the same
+        blob once, which the verified, atomic writes make harmless.
+        """
+        now = time.time() if now is None else now
+        removed = 0
+        for sub, max_age in (("indexes", _RECORD_MAX_AGE), ("facts", _RECORD_MAX_AGE)):
+            for record in _files(self.directory / sub):
+                with contextlib.suppress(OSError):
+                    if now - record.stat().st_mtime > max_age:
+                        record.unlink()
+                        removed += 1
+        for lock in _files(self.directory / "locks"):
+            with contextlib.suppress(OSError):
+                if now - lock.stat().st_mtime <= _LOCK_MAX_AGE:
+                    continue
+                fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: skip (raises)
+                    lock.unlink()
+                    removed += 1
+                finally:
+                    os.close(fd)
+        return removed
 
     @classmethod
     def create(cls, directory: Path | None, max_bytes: int) -> BlobCache | None:
@@ -293,6 +328,13 @@ class BlobCache:
             log.warning("cannot remember the index of %s: %s", archive, exc)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def _files(directory: Path) -> list[Path]:
+    try:
+        return [entry for entry in directory.iterdir() if entry.is_file()]
+    except OSError:
+        return []
 
 
 def _fsync_dir(path: Path) -> None:
