@@ -88,6 +88,8 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.auth is not None:
+            self.auth.close()
 
     def server(self, **kwargs: object) -> web.Server:
         """The aiohttp protocol factory serving this registry (kwargs go to ``web.Server``)."""

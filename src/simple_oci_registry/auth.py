@@ -14,6 +14,8 @@ import base64
 import hashlib
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -59,6 +61,7 @@ class BasicAuth:
         self._remembered: dict[bytes, float] = {}
         self._checked_at = 0.0
         self._decoy_hash: bytes | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bcrypt")
         self._reload()
 
     def _reload(self) -> None:
@@ -72,6 +75,14 @@ class BasicAuth:
             self._users = parse_htpasswd(self._path.read_text(errors="replace"))
             self._remembered = {}
             self._fingerprint = fingerprint
+
+    async def _bcrypt(self, check: Callable[[], bool]) -> bool:
+        """Run a bcrypt check on auth's own thread: a flood of wrong passwords then queues
+        behind itself instead of occupying the shared pool that stats and opens archives."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, check)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _decoy(self) -> bytes:
         """A hash as costly to check as the file's own (their first user's cost factor)."""
@@ -106,12 +117,12 @@ class BasicAuth:
         if hashed is None:
             # Pay for a bcrypt check anyway: answering unknown names at once would let response
             # times tell which user names exist.
-            await asyncio.to_thread(lambda: _checkpw(user, password.encode(), self._decoy()))
+            await self._bcrypt(lambda: _checkpw(user, password.encode(), self._decoy()))
             raise self.challenge("unknown user or wrong password")
         key = hashlib.sha256(hashed + b"\0" + password.encode()).digest()
         if self._remembered.get(key, 0.0) > now:
             return user
-        ok = await asyncio.to_thread(_checkpw, user, password.encode(), hashed)
+        ok = await self._bcrypt(lambda: _checkpw(user, password.encode(), hashed))
         if not ok:
             raise self.challenge("unknown user or wrong password")
         if len(self._remembered) >= _MAX_REMEMBERED:
