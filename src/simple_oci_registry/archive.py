@@ -54,6 +54,7 @@ __all__ = [
     "ArchiveKind",
     "ArchiveLimits",
     "FileRegion",
+    "Hashed",
     "Member",
     "MemberReader",
     "StaleArchiveError",
@@ -143,10 +144,31 @@ class FileRegion:
     offset: int
 
 
+@dataclass(frozen=True, slots=True)
+class Hashed:
+    """What :meth:`MemberReader.hash_rest` read: the hex digest and how many bytes."""
+
+    hexdigest: str
+    size: int
+
+
 class MemberReader(ABC):
     """An open member. Own file object per reader, because sendfile moves the file position."""
 
     size: int
+
+    def hash_rest(self, algorithm: str) -> Hashed:
+        """Hash what is left of the member, chunk by chunk (never all of it in memory).
+
+        The one place members are hashed for verification: the store before serving,
+        ``check``, and the digests of docker-save layers all go through it.
+        """
+        hasher = hashlib.new(algorithm)
+        size = 0
+        while chunk := self.read(_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+        return Hashed(hasher.hexdigest(), size)
 
     def region(self) -> FileRegion | None:
         """The file window holding the member, when the bytes are stored as they are served."""
@@ -237,11 +259,8 @@ class Archive(ABC):
         return {n: self._digests[target] for n, target in targets.items()}
 
     def _hash(self, name: str) -> str:
-        hasher = hashlib.sha256()
         with self.open_member(name) as reader:
-            while chunk := reader.read(_CHUNK):
-                hasher.update(chunk)
-        return "sha256:" + hasher.hexdigest()
+            return "sha256:" + reader.hash_rest("sha256").hexdigest
 
     def _member(self, name: str, limit: int | None = None) -> Member:
         member = self.members.get(name)

@@ -27,7 +27,6 @@ from typing import Any, Final
 from simple_oci_registry.archive import (
     Archive,
     ArchiveError,
-    ArchiveKind,
     ArchiveLimits,
     StaleArchiveError,
     open_archive,
@@ -68,8 +67,6 @@ __all__ = [
     "summarize",
 ]
 
-_CHUNK: Final = 1 << 20
-_COMPRESSED: Final = (ArchiveKind.GZIP, ArchiveKind.ZSTD)
 # BuildKit attaches attestation manifests to an index with this platform; nothing runs them.
 _UNKNOWN_PLATFORM: Final = "unknown/unknown"
 
@@ -527,7 +524,7 @@ def _blob_members(archive: Archive, layout: ImageLayout | None) -> dict[str, str
 
 
 def _hash_blobs(archive: Archive, blob_members: Mapping[str, str], file: str,
-                limits: ArchiveLimits, already_reported: Iterable[Problem]) -> _Hashed:
+                already_reported: Iterable[Problem]) -> _Hashed:
     """Hash every blob member, streamed, and compare it with its digest."""
     reported = [p.reason for p in already_reported]
     blobs = hashed = 0
@@ -535,24 +532,17 @@ def _hash_blobs(archive: Archive, blob_members: Mapping[str, str], file: str,
     for digest, name in sorted(blob_members.items()):
         member = archive.members[name]
         algorithm, _, encoded = digest.partition(":")
-        try:
-            hasher = hashlib.new(algorithm)
-        except ValueError:
+        if algorithm not in hashlib.algorithms_available:
             problems.append(Problem(ProblemKind.DIGEST, file,
                                     f"blob {digest}: unsupported digest algorithm"))
             continue
         read = 0
+        actual = ""
         try:
-            if archive.kind in _COMPRESSED and member.size <= limits.small_member_bytes:
-                # Kept in memory by the scan: re-reading would decompress from the start.
-                data = archive.read_member(name, limits.small_member_bytes)
-                hasher.update(data)
-                read = len(data)
-            else:
-                with archive.open_member(name) as reader:
-                    while chunk := reader.read(_CHUNK):
-                        hasher.update(chunk)
-                        read += len(chunk)
+            # Small members of compressed archives come from memory, others stream.
+            with archive.open_member(name) as reader:
+                hashed_member = reader.hash_rest(algorithm)
+            read, actual = hashed_member.size, hashed_member.hexdigest
         except StaleArchiveError as exc:
             problems.append(Problem(ProblemKind.STRUCTURE, file,
                                     f"changed while being checked: {exc}"))
@@ -566,14 +556,13 @@ def _hash_blobs(archive: Archive, blob_members: Mapping[str, str], file: str,
         if read != member.size:
             problems.append(Problem(ProblemKind.DIGEST, file,
                                     f"blob {digest}: {read} of {member.size} bytes readable"))
-        elif hasher.hexdigest() != encoded:
+        elif actual != encoded:
             # The loader already said so for a manifest it could not verify.
             if not any(digest in reason for reason in reported):
-                actual = _short(f"{algorithm}:{hasher.hexdigest()}")
                 problems.append(Problem(
                     ProblemKind.DIGEST, file,
-                    f"blob {digest}: content hashes to {actual}…, not to its name "
-                    "(damaged or altered)"))
+                    f"blob {digest}: content hashes to {_short(f'{algorithm}:{actual}')}…, "
+                    "not to its name (damaged or altered)"))
     return _Hashed(blobs, hashed, tuple(problems))
 
 
@@ -597,7 +586,7 @@ def check_directory(root: str, *, allow_outside: bool = False,
         found = list(opened.summary.problems)
         if opened.archive is not None:
             result = _hash_blobs(opened.archive, _blob_members(opened.archive, opened.layout),
-                                 opened.summary.file, limits, found)
+                                 opened.summary.file, found)
             blobs += result.blobs
             hashed += result.size
             found += result.problems

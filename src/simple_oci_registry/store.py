@@ -18,13 +18,12 @@ Caching follows the original design, made exact:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final, TypeVar
+from typing import TypeVar
 
 from simple_oci_registry import mediatypes
 from simple_oci_registry.archive import (
@@ -47,7 +46,6 @@ __all__ = ["BlobLocation", "ImageStore", "StoreStats"]
 
 log = logging.getLogger(__name__)
 
-_HASH_CHUNK: Final = 4 << 20
 T = TypeVar("T")
 
 
@@ -412,12 +410,10 @@ class ImageStore:
     def _hash_member(self, location: BlobLocation) -> bool:
         assert location.layout is not None
         algorithm, _, encoded = location.digest.partition(":")
-        hasher = hashlib.new(algorithm)
         with location.layout.open_blob(location.digest) as reader:
-            while chunk := reader.read(_HASH_CHUNK):
-                hasher.update(chunk)
-            self.stats.verified_bytes += reader.size
-        return hasher.hexdigest() == encoded
+            hashed = reader.hash_rest(algorithm)
+        self.stats.verified_bytes += hashed.size
+        return hashed.hexdigest == encoded
 
     async def _single_flight(self, key: object, start: Callable[[], Awaitable[T]]) -> T:
         """Run ``start()`` once for concurrent callers with the same key; all get its result."""
