@@ -48,18 +48,17 @@ async def send_member(
     reader: MemberReader,
     byte_range: ByteRange | None,
     digest: str,
-    *,
-    verify_stream: bool,
 ) -> web.StreamResponse:
-    """Prepare ``response`` (headers already set) and send the member's bytes."""
+    """Prepare ``response`` (headers already set) and send the member's bytes: a window of a
+    file with sendfile (verified before, by the store or the blob cache), or else a stream
+    hashed as it goes."""
     start, length = (0, reader.size) if byte_range is None else (byte_range.start,
                                                                 byte_range.length)
+    await response.prepare(request)
     region = reader.region()
-    if region is not None and not verify_stream:
-        await response.prepare(request)
+    if region is not None:
         await _send_window(request, reader, region.file, region.offset + start, length)
     else:
-        await response.prepare(request)
         await _send_stream(request, response, reader, start, length, digest)
     try:
         await response.write_eof()

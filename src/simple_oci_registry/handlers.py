@@ -156,8 +156,7 @@ class Handlers:
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = length
         try:
-            return await send_member(request, response, reader, byte_range, location.digest,
-                                     verify_stream=reader.region() is None)
+            return await send_member(request, response, reader, byte_range, location.digest)
         except ConnectionError:
             # The client hung up (reset, EPIPE) or the transfer was aborted because its source
             # changed. Headers are out, so there is nothing to answer: make sure the connection
