@@ -130,7 +130,7 @@ async def test_refresh_storm_builds_once_per_window(
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls = counting_listings(monkeypatch)
     now = [1000.0]
-    page = CatalogPage(Config(directory=standard_images.root, freshness_window=0),
+    page = CatalogPage(Config(directory=standard_images.root),
                        clock=lambda: now[0])
     client = await aiohttp_client(RawTestServer(page.handle))
     pages = await asyncio.gather(*(get_page(client) for _ in range(50)))

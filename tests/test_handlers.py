@@ -44,7 +44,7 @@ def sha256(data: bytes) -> str:
 
 
 async def client_for(aiohttp_client: MakeClient, directory: Path) -> Client:
-    registry = make_app(Config(directory=directory, freshness_window=0))
+    registry = make_app(Config(directory=directory))
     return await aiohttp_client(RawTestServer(registry.handle))
 
 

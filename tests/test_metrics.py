@@ -63,7 +63,7 @@ async def scrape(client: Client) -> str:
 
 
 async def serve(aiohttp_client: MakeClient, directory: Path) -> tuple[Client, Registry]:
-    registry = make_app(Config(directory=directory, freshness_window=0))
+    registry = make_app(Config(directory=directory))
     return await aiohttp_client(RawTestServer(registry.handle)), registry
 
 

@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from simple_oci_registry.inventory import (
     list_images,
 )
 from simple_oci_registry.logs import ACCESS_LOGGER, AccessLogger, configure_logging
+from simple_oci_registry.pins import PinTable, pins_usable, serve_pins
 from simple_oci_registry.tls import ReloadingTLS
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -190,10 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
          help="worker processes sharing the port (SO_REUSEPORT)")
     _add(serve, "--rescan-interval", default=DEFAULTS.rescan_interval,
          type=_non_negative(float), help="seconds between full rescans of known names")
-    _add(serve, "--freshness-window", default=DEFAULTS.freshness_window,
-         type=_non_negative(float),
-         help="seconds a name's checked archive list is trusted before it is stat'ed again "
-              "(0: check on every request)")
+    _add(serve, "--freshness-window", default=None, type=_non_negative(float),
+         help="retired and ignored: every request checks the directories it depends on by "
+              "stat, so the filesystem's attribute cache (NFS actimeo) sets the freshness")
+    _add(serve, "--grace-period", default=DEFAULTS.grace_period, type=_non_negative(float),
+         help="seconds a replaced or removed archive's manifests and blobs stay downloadable "
+              "by digest, so pulls that straddle a publish finish (0: none)")
     _add(serve, "--tls-cert", default=None, type=readable_file_arg,
          help="PEM certificate chain; with --tls-key serves HTTPS")
     _add(serve, "--tls-key", default=None, type=readable_file_arg, help="PEM private key")
@@ -247,12 +251,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit("simple-oci-registry: --tls-cert and --tls-key go together")
     return Config(
         directory=args.dir, host=host, port=port, workers=max(1, args.workers),
-        rescan_interval=args.rescan_interval, freshness_window=args.freshness_window,
+        rescan_interval=args.rescan_interval,
         tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
         log_format=args.log_format, access_log=args.access_log,
         shutdown_timeout=args.shutdown_timeout, cache_dir=args.cache_dir,
         cache_max_bytes=args.cache_max_bytes, htpasswd=args.htpasswd,
-        max_connections=args.max_connections,
+        max_connections=args.max_connections, grace_period=args.grace_period,
         allow_outside_symlinks=args.allow_outside_symlinks)
 
 
@@ -306,6 +310,22 @@ def _worker(config: Config, port: int) -> None:
     asyncio.run(_serve_socket(config, sock))
 
 
+def _start_pin_service(table: PinTable) -> tuple[socket.socket, socket.socket]:
+    """A socket pair for one worker: the supervisor's end is served by a thread."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    threading.Thread(target=serve_pins, args=(table, ours), name="pins", daemon=True).start()
+    return ours, theirs
+
+
+def _sweep_pins(table: PinTable, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        try:
+            table.sweep()
+        except Exception:  # keep sweeping whatever one pass hit
+            log.exception("pin sweep failed")
+
+
 def _supervise(config: Config, port: int) -> int:
     """Fork the workers and keep them running until told to stop.
 
@@ -315,22 +335,35 @@ def _supervise(config: Config, port: int) -> int:
     """
     children: dict[int, int] = {}
     started: dict[int, float] = {}
+    # The node's pins live here, in the one process that outlives every worker (pins.py).
+    table = PinTable(config.root, config.grace_period) if pins_usable() else None
+    if table is not None:
+        interval = max(1.0, min(config.grace_period, config.rescan_interval or 60.0) / 4)
+        threading.Thread(target=_sweep_pins, args=(table, interval), name="pin-sweep",
+                         daemon=True).start()
     signalled: set[int] = set()  # workers told to stop: their exit status is the shutdown's
     quick_failures = 0
     stopping = False
 
     def spawn(slot: int) -> None:
+        pair = _start_pin_service(table) if table is not None else None
         pid = os.fork()
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
+            worker_config = config
+            if pair is not None:
+                pair[0].detach()  # the supervisor's end: not this process's to use or close
+                worker_config = dataclasses.replace(config, pin_socket_fd=pair[1].detach())
             try:
-                _worker(config, port)
+                _worker(worker_config, port)
             except BaseException:
                 log.exception("worker failed")
                 code = 1
             os._exit(code)
+        if pair is not None:
+            pair[1].close()
         children[pid] = slot
         started[pid] = time.monotonic()
 
@@ -490,7 +523,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list.insert(0, "serve")  # the original took "--dir" with no subcommand
     args = build_parser().parse_args(args_list)
     if args.command == "serve":
-        return serve(config_from_args(args))
+        config = config_from_args(args)
+        if args.freshness_window is not None:
+            # Retired, not refused: a DaemonSet written for an older version keeps starting.
+            configure_logging(config.log_level, config.log_format)
+            log.warning("--freshness-window is ignored: every request checks the directory by "
+                        "stat, and NFS actimeo sets how fresh that is")
+        return serve(config)
     if args.command == "ls":
         return run_ls(args)
     if args.command == "check":

@@ -42,6 +42,7 @@ from simple_oci_registry.resolver import (
     SUFFIX,
     Candidate,
     Pattern,
+    fingerprint_of,
     list_candidates,
     ordered,
     walk_names,
@@ -357,13 +358,18 @@ class SummaryCache:
     def summary(self, root: str, candidates: Sequence[Candidate]) -> ArchiveSummary:
         """The summary of the one file ``candidates`` (all for the same path) point at."""
         first = candidates[0]
+        try:
+            fingerprint: Fingerprint | None = fingerprint_of(first.path)
+        except OSError:
+            fingerprint = None  # vanished since listed: opening it says why
         held = self._entries.get(first.path)
-        if held is not None and held[0] == first.fingerprint and (
+        if held is not None and fingerprint is not None and held[0] == fingerprint and (
                 not held[1].servable
                 or all((c.pattern, c.stem) in held[1].tags for c in candidates)):
             return held[1]
         summary = _open(root, first.path, candidates, self._limits).summary
-        self._entries[first.path] = (first.fingerprint, summary)
+        if fingerprint is not None:
+            self._entries[first.path] = (fingerprint, summary)
         return summary
 
     def retain(self, paths: Iterable[str]) -> None:
