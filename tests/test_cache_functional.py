@@ -3,9 +3,10 @@
 Every request re-checks the directories it depends on by stat; an archive is indexed once per
 stat fingerprint; the periodic rescan retires archives nobody asked about since they went.
 ``--grace-period 0`` makes a replaced archive's digests go at once, as these tests expect.
-These tests change files the way operators and sync tools do (write beside, then ``os.replace``; ``cp -p``-style
-older mtimes; delete) and check what the next requests see. Nothing here asserts on timing:
-where a change may take a while to show, the test polls for it with a generous bound.
+These tests change files the way operators and sync tools do (write beside, then
+``os.replace``; ``cp -p``-style older mtimes; delete) and check what the next requests
+see. Nothing here asserts on timing: where a change may take a while to show, the test
+polls for it with a generous bound.
 """
 
 from __future__ import annotations

@@ -45,6 +45,7 @@ from simple_oci_registry.inventory import (
 )
 from simple_oci_registry.logs import ACCESS_LOGGER, AccessLogger, configure_logging
 from simple_oci_registry.pins import PinTable, pins_usable, serve_pins
+from simple_oci_registry.publish import PublishError, publish
 from simple_oci_registry.tls import ReloadingTLS
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -55,7 +56,7 @@ ENV_PREFIX: Final = "SOR_"
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 _QUICK_FAILURE_SECONDS: Final = 5.0
 _MAX_QUICK_FAILURES: Final = 5
-SUBCOMMANDS: Final = ("serve", "ls", "check")
+SUBCOMMANDS: Final = ("serve", "ls", "check", "publish")
 T = TypeVar("T")
 
 
@@ -237,6 +238,11 @@ def _add_inventory_commands(commands: Any) -> None:
                   help="follow symlinks that resolve outside the image directory, as serve "
                        "does with the same flag")
     _add_bool(ls, "--full-digests", default=False, help="show digests untruncated")
+    publish = commands.add_parser(
+        "publish", help="validate an archive as check does, then copy it into the image "
+                        "directory atomically (temporary name, fsync, rename)")
+    publish.add_argument("source", help="the .oci archive to publish")
+    publish.add_argument("target", help="where it goes, e.g. DIR/NAME/TAG.oci")
     env = _env_name("--progress")
     env_value = os.environ.get(env)
     check.add_argument("--progress", action=argparse.BooleanOptionalAction,
@@ -516,6 +522,20 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def run_publish(args: argparse.Namespace) -> int:
+    try:
+        done = publish(args.source, args.target)
+    except PublishError as exc:
+        print(f"simple-oci-registry publish: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"simple-oci-registry publish: {exc.filename or args.target}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"published {done.target} ({human_size(done.size)})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or (args_list[0] not in SUBCOMMANDS
@@ -534,5 +554,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_ls(args)
     if args.command == "check":
         return run_check(args)
+    if args.command == "publish":
+        return run_publish(args)
     build_parser().print_help()
     return 2

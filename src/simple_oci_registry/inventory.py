@@ -606,3 +606,15 @@ def check_directory(root: str, *, allow_outside: bool = False,
             progress(CheckProgress(index, len(files), opened.summary.file, len(found)))
     _, conflicts = _resolve(names, summaries)
     return CheckReport(len(files), blobs, hashed, tuple(problems + conflicts))
+
+
+def check_archive(path: str, *, limits: ArchiveLimits | None = None) -> list[Problem]:
+    """Validate one archive as :func:`check_directory` validates each (structure and every
+    blob digest), wherever it lies: the producer's side of publishing."""
+    path = os.path.realpath(path)
+    opened = _open(os.path.dirname(path), path, [], limits or ArchiveLimits())
+    problems = list(opened.summary.problems)
+    if opened.archive is not None:
+        problems += _hash_blobs(opened.archive, _blob_members(opened.archive, opened.layout),
+                                opened.summary.file, problems).problems
+    return problems

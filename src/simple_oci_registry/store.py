@@ -190,7 +190,14 @@ class ImageStore:
             if layout.has_blob(key):
                 location = BlobLocation(key, layout.blob_size(key), mediatypes.OCTET_STREAM,
                                         layout)
-                if await self._intact(location):
+                try:
+                    intact = await self._intact(location)
+                except (StaleArchiveError, OSError) as exc:
+                    # Rewritten in place, or its bytes gone (ESTALE): look elsewhere.
+                    log.info("%s@%s: %s", name, key, exc)
+                    detail["reason"] = "archive changed while reading"
+                    return None
+                if intact:
                     return location
                 # A digest names content, not a file (image-spec descriptor.md): a damaged
                 # copy must not hide an intact one in another of the name's archives.
