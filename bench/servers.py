@@ -213,11 +213,15 @@ def start_ours(
     registry_dir: Path,
     scratch: Path,
     *,
-    workers: int,
+    workers: int | None,
     cache_dir: Path | None = None,
     label: str = "ours",
+    log_level: str | None = "warning",
 ) -> RunningServer:
-    """``python -m simple_oci_registry serve`` on port 0; the port comes from its first line."""
+    """``python -m simple_oci_registry serve`` on port 0; the port comes from its first line.
+
+    ``workers`` or ``log_level`` None leaves the flag out: the server's default, as users run it.
+    """
     argv = [
         sys.executable,
         "-m",
@@ -227,11 +231,11 @@ def start_ours(
         str(registry_dir),
         "--listen",
         f"{HOST}:0",
-        "--workers",
-        str(workers),
-        "--log-level",
-        "warning",
     ]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
     log_path = scratch / f"{label}.log"
