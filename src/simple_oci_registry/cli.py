@@ -437,7 +437,7 @@ def _ls_row(entry: ImageEntry, full_digests: bool) -> list[str]:
     if not full_digests:
         algorithm, _, encoded = digest.partition(":")
         digest = f"{algorithm}:{encoded[:12]}"
-    return [entry.name, entry.tag if entry.tag is not None else "<none>", digest,
+    return [entry.upstream, entry.tag if entry.tag is not None else "<none>", digest,
             ",".join(entry.platforms) or "-", human_size(entry.size), entry.file]
 
 

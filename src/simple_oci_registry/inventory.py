@@ -38,6 +38,8 @@ from simple_oci_registry.layout import (
     ManifestRecord,
     load_layout,
 )
+from simple_oci_registry.mirror import display_name, is_host_folder
+from simple_oci_registry.reference import valid_tag
 from simple_oci_registry.resolver import (
     SUFFIX,
     Candidate,
@@ -140,6 +142,12 @@ class ImageEntry:
     modified_ns: int
 
     @property
+    def upstream(self) -> str:
+        """The name as users write it in image references (``localhost:5000/app`` for the
+        folder ``localhost_5000/app``); see :func:`mirror.display_name`."""
+        return display_name(self.name)
+
+    @property
     def reference(self) -> str:
         """What a client appends to the registry host to pull this entry."""
         return f"{self.name}:{self.tag}" if self.tag is not None else f"{self.name}@{self.digest}"
@@ -149,9 +157,9 @@ class ImageEntry:
         return dt.datetime.fromtimestamp(self.modified_ns / 1e9, dt.UTC)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "tag": self.tag, "digest": self.digest,
-                "mediaType": self.media_type, "platforms": list(self.platforms),
-                "size": self.size, "file": self.file,
+        return {"name": self.name, "upstream": self.upstream, "tag": self.tag,
+                "digest": self.digest, "mediaType": self.media_type,
+                "platforms": list(self.platforms), "size": self.size, "file": self.file,
                 "modified": self.modified.isoformat(timespec="seconds").replace("+00:00", "Z")}
 
 
@@ -376,9 +384,22 @@ class SummaryCache:
 # ---------------------------------------------------------------------------- resolution
 
 
+def _host_folders(names: Sequence[str]) -> set[str]:
+    """Top-level names that are an upstream registry's folder (``registry.k8s.io`` beside
+    ``registry.k8s.io/pause``): the archives in them serve ``registry.k8s.io/pause:3.9``, and
+    nobody means the repository ``registry.k8s.io`` they also make pullable, so listings and
+    the duplicate-tag check leave such names out (the server still answers for them)."""
+    parents = {name.partition("/")[0] for name in names if "/" in name}
+    return {name for name in names if name in parents and is_host_folder(name)}
+
+
 def _candidates_by_name(root: str, allow_outside: bool) -> dict[str, tuple[Candidate, ...]]:
     names: dict[str, tuple[Candidate, ...]] = {}
-    for name in walk_names(root, allow_outside=allow_outside):
+    walked = walk_names(root, allow_outside=allow_outside)
+    hidden = _host_folders(walked)
+    for name in walked:
+        if name in hidden:
+            continue
         candidates = list_candidates(root, name, allow_outside=allow_outside)
         if candidates:
             names[name] = candidates
@@ -433,7 +454,10 @@ def _resolve(names: Mapping[str, tuple[Candidate, ...]],
                   and not (c.pattern is Pattern.WHOLE and c.path in tag_files)]
         tag_maps = {c.path: summaries[c.path].tags.get((c.pattern, c.stem), {}) for c in usable}
         tagged: set[str] = set()
-        for tag in sorted({t for tags in tag_maps.values() for t in tags}):
+        # A file's implicit tag comes from its name: "coredns:v1.11.1.oci" in a folder would
+        # give the folder a tag "coredns:v1.11.1" that no request can name (the grammar refuses
+        # it before the store is asked), so it is not listed as pullable.
+        for tag in sorted({t for tags in tag_maps.values() for t in tags if valid_tag(t)}):
             holders = [c for c in ordered(usable, tag) if tag in tag_maps[c.path]]
             served = summaries[holders[0].path]
             digest = tag_maps[served.path][tag]

@@ -44,7 +44,7 @@ from simple_oci_registry.reference import (
     validate_name,
 )
 
-__all__ = ["display_name", "host_folder", "repository_name", "repository_of"]
+__all__ = ["display_name", "host_folder", "is_host_folder", "repository_name", "repository_of"]
 
 # A port folder as host_folder writes it: "localhost_5000", "registry.example.com_8443".
 _PORT_FOLDER: Final = re.compile(r"(?P<host>[a-z0-9.-]+)_(?P<port>[0-9]{1,5})")
@@ -85,11 +85,19 @@ def repository_of(reference: ImageReference) -> str:
     return f"{host_folder(reference.host)}/{reference.path}"
 
 
+def is_host_folder(component: str) -> bool:
+    """True when a top-level folder name reads as a registry host (reference grammar: a dot,
+    ``localhost``, or a port, here written ``host_port``)."""
+    match = _PORT_FOLDER.fullmatch(component)
+    host = match["host"] if match is not None else component
+    return "." in host or host == "localhost"
+
+
 def display_name(name: str) -> str:
     """``name`` as users write it in image references: a port folder's ``_`` becomes ``:``
     (``localhost_5000/app`` → ``localhost:5000/app``); everything else is shown as it is."""
     first, slash, rest = name.partition("/")
     match = _PORT_FOLDER.fullmatch(first) if slash else None
-    if match is None or not ("." in match["host"] or match["host"] == "localhost"):
+    if match is None or not is_host_folder(first):
         return name
     return f"{match['host']}:{match['port']}/{rest}"
