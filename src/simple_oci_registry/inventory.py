@@ -15,6 +15,7 @@ Everything here blocks (directory walks, reads, hashing): async callers use a wo
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 import hashlib
@@ -22,6 +23,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from simple_oci_registry.archive import (
@@ -31,6 +33,8 @@ from simple_oci_registry.archive import (
     StaleArchiveError,
     open_archive,
 )
+from simple_oci_registry.config import Config
+from simple_oci_registry.errors import RegistryError
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.layout import (
     MAX_MANIFEST_BYTES,
@@ -38,8 +42,8 @@ from simple_oci_registry.layout import (
     ManifestRecord,
     load_layout,
 )
-from simple_oci_registry.mirror import display_name, is_host_folder
-from simple_oci_registry.reference import valid_tag
+from simple_oci_registry.mirror import display_name, is_host_folder, repository_of
+from simple_oci_registry.reference import InvalidReference, parse_image_reference, valid_tag
 from simple_oci_registry.resolver import (
     SUFFIX,
     Candidate,
@@ -51,12 +55,14 @@ from simple_oci_registry.resolver import (
 
 # The store's tag rule, imported rather than restated so that ls, check and the catalog page
 # cannot disagree with what the server answers for name:tag.
-from simple_oci_registry.store import _implicit_tag, _tag_in
+from simple_oci_registry.store import ImageStore, _implicit_tag, _tag_in
 
 __all__ = [
     "ArchiveSummary",
     "CheckProgress",
     "CheckReport",
+    "ImageCheck",
+    "ImageStatus",
     "ImageEntry",
     "Listing",
     "ManifestSummary",
@@ -64,8 +70,10 @@ __all__ = [
     "ProblemKind",
     "SummaryCache",
     "check_directory",
+    "check_images",
     "human_size",
     "list_images",
+    "read_references",
     "summarize",
 ]
 
@@ -624,3 +632,84 @@ def check_directory(root: str, *, allow_outside: bool = False,
             progress(CheckProgress(index, len(files), opened.summary.file, len(found)))
     _, conflicts = _resolve(names, summaries)
     return CheckReport(len(files), blobs, hashed, tuple(problems + conflicts))
+
+
+# ---------------------------------------------------------------------------- check --images
+
+
+class ImageStatus(enum.StrEnum):
+    """What the directory can do for one image reference a cluster uses."""
+
+    SERVED = "served"
+    MISSING = "missing"
+    MALFORMED = "malformed"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCheck:
+    """One reference as written, normalised as runtimes do, and the directory's answer."""
+
+    written: str
+    status: ImageStatus
+    reference: str = ""  # normalised: docker.io/library/nginx:1.25
+    repository: str = ""  # the name it is served under (path form): docker.io/library/nginx
+    digest: str = ""  # the manifest or index a pull gets, when served
+    reason: str = ""  # why it is missing or malformed
+
+    def to_json(self) -> dict[str, Any]:
+        return {"written": self.written, "status": str(self.status),
+                "reference": self.reference or None, "repository": self.repository or None,
+                "digest": self.digest or None, "reason": self.reason or None}
+
+
+def read_references(text: str) -> list[str]:
+    """Image references from ``text``: one per line as ``kubectl get pods -o jsonpath``
+    prints them with a newline per image, or separated by spaces as ``{..image}`` prints
+    them. ``#`` starts a comment; repeats are kept once, in first-seen order."""
+    found: dict[str, None] = {}
+    for line in text.splitlines():
+        for word in line.partition("#")[0].split():
+            found.setdefault(word, None)
+    return list(found)
+
+
+def _missing_reason(error: RegistryError) -> str:
+    detail = error.detail if isinstance(error.detail, Mapping) else {}
+    extra = [str(item) for key in ("unservable", "rejected") for item in detail.get(key, ())]
+    return "; ".join([error.message, *extra])
+
+
+async def _check_images(config: Config, references: Sequence[str]) -> list[ImageCheck]:
+    store = ImageStore(config)
+    results: list[ImageCheck] = []
+    for written in references:
+        try:
+            reference = parse_image_reference(written)
+        except InvalidReference as exc:
+            results.append(ImageCheck(written, ImageStatus.MALFORMED, reason=str(exc)))
+            continue
+        repository = repository_of(reference)
+        wanted = reference.digest if reference.digest is not None else reference.tag
+        assert wanted is not None  # parse_image_reference sets one of them
+        try:
+            record = await store.manifest(repository, wanted)
+        except RegistryError as error:
+            results.append(ImageCheck(written, ImageStatus.MISSING, str(reference), repository,
+                                      reason=_missing_reason(error)))
+            continue
+        results.append(ImageCheck(written, ImageStatus.SERVED, str(reference), repository,
+                                  record.digest))
+    return results
+
+
+def check_images(root: str, references: Sequence[str], *,
+                 allow_outside: bool = False) -> tuple[ImageCheck, ...]:
+    """Which of ``references`` the directory serves, answered by the server's own store (so a
+    reference counts as served exactly when a node's pull of its manifest would succeed).
+
+    References are normalised as container runtimes do and looked up where mirror mode
+    keeps them (``nginx`` under ``docker.io/library/nginx``); see :mod:`mirror`.
+    """
+    config = Config(directory=Path(root), freshness_window=0, cache_dir=None,
+                    allow_outside_symlinks=allow_outside)
+    return tuple(asyncio.run(_check_images(config, references)))
