@@ -595,7 +595,8 @@ def test_mirror_air_gapped(shell: list[str], node_root: Path) -> None:
     """MIRROR_FALLBACK=false: nothing names the upstream as a place to connect to."""
     _run(shell, node_root, MIRROR_REGISTRIES="docker.io registry.k8s.io", MIRROR_FALLBACK="false")
     assert _hosts_toml(node_root, "docker.io") == {
-        "server": "http://registry.local:5000", "capabilities": ["pull", "resolve"]}
+        "server": "http://registry.local:5000",
+        "host": {"http://registry.local:5000": {"capabilities": ["pull", "resolve"]}}}
     registries = tomllib.loads((node_root / MIRRORS_DROPIN).read_text())["registry"]
     assert registries == [
         {"prefix": "docker.io", "location": "registry.local:5000/docker.io", "insecure": True},
@@ -613,8 +614,8 @@ def test_mirror_with_tls(shell: list[str], node_root: Path, tmp_path: Path) -> N
         "capabilities": ["pull", "resolve"], "ca": ca_path}}
     _run(shell, node_root, **tls, MIRROR_FALLBACK="false")
     assert _hosts_toml(node_root, "quay.io") == {
-        "server": "https://registry.local:5000", "capabilities": ["pull", "resolve"],
-        "ca": ca_path}
+        "server": "https://registry.local:5000", "host": {"https://registry.local:5000": {
+            "capabilities": ["pull", "resolve"], "ca": ca_path}}}
     (registry,) = tomllib.loads((node_root / MIRRORS_DROPIN).read_text())["registry"]
     assert registry["insecure"] is False
 

@@ -248,12 +248,16 @@ server = \"$(upstream_url "$2")\"
 [host.\"$SCHEME://$HOSTPORT\"]
   capabilities = [\"pull\", \"resolve\"]$mirror_ca"
     else
-        # Air-gapped: the node-local registry is the server, so nothing is
-        # ever sent upstream (a missing image fails instead of leaking out).
+        # Air-gapped: the node-local registry is the server too, so nothing
+        # is ever sent upstream (a missing image fails instead of leaking
+        # out). The [host] table stays: containerd 1.6 refuses a hosts.toml
+        # without one ("invalid host tree") and then goes upstream.
         content="# $MARKER; rewritten on every pod start, do not edit.
 # Mirror of $2: only the node-local registry (MIRROR_FALLBACK=false).
 server = \"$SCHEME://$HOSTPORT\"
-capabilities = [\"pull\", \"resolve\"]$mirror_ca"
+
+[host.\"$SCHEME://$HOSTPORT\"]
+  capabilities = [\"pull\", \"resolve\"]$mirror_ca"
     fi
     write_file "$mirror_dir/hosts.toml" "$content"
 }
