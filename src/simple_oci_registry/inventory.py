@@ -682,12 +682,16 @@ def _missing_reason(error: RegistryError) -> str:
 async def _check_images(config: Config, references: Sequence[str]) -> list[ImageCheck]:
     store = ImageStore(config)
     results: list[ImageCheck] = []
+    seen: set[str] = set()
     for written in references:
         try:
             reference = parse_image_reference(written)
         except InvalidReference as exc:
             results.append(ImageCheck(written, ImageStatus.MALFORMED, reason=str(exc)))
             continue
+        if str(reference) in seen:
+            continue  # kubectl's {..image} lists spec and status forms of the same image
+        seen.add(str(reference))
         repository = repository_of(reference)
         wanted = reference.digest if reference.digest is not None else reference.tag
         assert wanted is not None  # parse_image_reference sets one of them
@@ -706,6 +710,7 @@ def check_images(root: str, references: Sequence[str], *,
                  allow_outside: bool = False) -> tuple[ImageCheck, ...]:
     """Which of ``references`` the directory serves, answered by the server's own store (so a
     reference counts as served exactly when a node's pull of its manifest would succeed).
+    References that normalise to one already checked are reported once.
 
     References are normalised as container runtimes do and looked up where mirror mode
     keeps them (``nginx`` under ``docker.io/library/nginx``); see :mod:`mirror`.
