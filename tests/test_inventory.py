@@ -35,7 +35,12 @@ from simple_oci_registry.layoutwriter import LayoutWriter
 from simple_oci_registry.reference import parse_digest
 from simple_oci_registry.store import ImageStore
 from tests.dockersave import LegacyImage, layer_tar, legacy_archive
-from tests.images import StandardImages, build_standard_images, small_image
+from tests.images import (
+    StandardImages,
+    build_mirror_images,
+    build_standard_images,
+    small_image,
+)
 
 
 def root_of(directory: Path) -> str:
@@ -160,8 +165,8 @@ async def test_ls_agrees_with_the_store(standard_images: StandardImages) -> None
 def test_entry_json(shared_images: StandardImages) -> None:
     entry = by_reference(list_images(root_of(shared_images.root)).entries)["multi:latest"]
     document = entry.to_json()
-    assert set(document) == {"name", "tag", "digest", "mediaType", "platforms", "size", "file",
-                             "modified"}
+    assert set(document) == {"name", "upstream", "tag", "digest", "mediaType", "platforms",
+                             "size", "file", "modified"}
     assert document["platforms"] == ["linux/amd64", "linux/arm64"]
     assert document["modified"].endswith("Z")
     json.dumps(document)
@@ -409,3 +414,21 @@ def test_check_hashes_the_blobs_of_a_legacy_docker_save(tmp_path: Path) -> None:
     report = check_directory(str(root))
     assert report.ok, report.problems
     assert report.blobs_hashed >= 3  # the config and both layers
+
+
+def test_listing_shows_upstream_names(tmp_path: Path) -> None:
+    """Mirror folders are listed as the names users write: the host folder itself is no
+    repository, a port folder reads host:port, and a file-name tag no request can name
+    (``coredns:v1.11.1`` as a tag of the folder ``coredns``) is not offered."""
+    images = build_mirror_images(tmp_path / "images")
+    listing = list_images(root_of(images.root))
+    shown = {f"{e.upstream}:{e.tag}" for e in listing.entries if e.tag is not None}
+    assert shown == {"docker.io/library/busybox:1.36", "registry.k8s.io/pause:3.9",
+                     "registry.k8s.io/coredns/coredns:v1.11.1",
+                     "quay.io/prometheus/node-exporter:v1.8.0", "localhost:5000/team/app:1.0"}
+    assert "registry.k8s.io" not in {e.name for e in listing.entries}
+    ported = next(e for e in listing.entries if e.upstream.startswith("localhost:5000"))
+    assert ported.name == "localhost_5000/team/app"  # what a client pulls, path form
+    assert ported.to_json()["upstream"] == "localhost:5000/team/app"
+    assert not listing.problems
+    assert check_directory(root_of(images.root)).ok

@@ -31,6 +31,7 @@ from simple_oci_registry import __version__
 from simple_oci_registry.auth import BasicAuth
 from simple_oci_registry.config import Config
 from simple_oci_registry.inventory import ImageEntry, Listing, SummaryCache, human_size, list_images
+from simple_oci_registry.mirror import display_name
 
 __all__ = ["CatalogPage", "render_page"]
 
@@ -192,7 +193,7 @@ def render_page(listing: Listing, host: str, *, secure: bool) -> str:
             "<th>Pull</th></tr></thead>")
         for name, entries in repositories:
             parts.append(f'<tbody id="{_e(name)}"><tr class="repo"><th colspan="6" '
-                         f'scope="rowgroup"><h2>{_e(name)}</h2></th></tr>')
+                         f'scope="rowgroup"><h2>{_e(display_name(name))}</h2></th></tr>')
             parts.extend(_row(entry, host) for entry in entries)
             parts.append("</tbody>")
         parts.append("</table>")

@@ -39,9 +39,12 @@ from simple_oci_registry.config import DEFAULTS, Config
 from simple_oci_registry.inventory import (
     CheckProgress,
     ImageEntry,
+    ImageStatus,
     check_directory,
+    check_images,
     human_size,
     list_images,
+    read_references,
 )
 from simple_oci_registry.logs import ACCESS_LOGGER, AccessLogger, configure_logging
 from simple_oci_registry.pins import PinTable, pins_usable, serve_pins
@@ -229,7 +232,8 @@ def _add_inventory_commands(commands: Any) -> None:
     ls = commands.add_parser("ls", help="list every name:tag the directory serves")
     check = commands.add_parser(
         "check", help="validate every archive (structure, blob digests, duplicate tags); "
-                      "exit 1 on problems")
+                      "exit 1 on problems. With --images FILE: tell which image references "
+                      "the directory serves instead; exit 1 when any is missing")
     for parser in (ls, check):
         _add(parser, "--dir", default=DEFAULTS.directory, type=directory_arg,
              help="the image directory")
@@ -243,6 +247,11 @@ def _add_inventory_commands(commands: Any) -> None:
                         "directory atomically (temporary name, fsync, rename)")
     publish.add_argument("source", help="the .oci archive to publish")
     publish.add_argument("target", help="where it goes, e.g. DIR/NAME/TAG.oci")
+    check.add_argument("--images", metavar="FILE", default=None,
+                       help="image references, one per line or space-separated ('-' reads "
+                            "stdin), normalised as container runtimes do (nginx is "
+                            "docker.io/library/nginx:latest) and looked up where mirror mode "
+                            "keeps them; reports which are served, missing or malformed")
     env = _env_name("--progress")
     env_value = os.environ.get(env)
     check.add_argument("--progress", action=argparse.BooleanOptionalAction,
@@ -476,7 +485,7 @@ def _ls_row(entry: ImageEntry, full_digests: bool) -> list[str]:
     if not full_digests:
         algorithm, _, encoded = digest.partition(":")
         digest = f"{algorithm}:{encoded[:12]}"
-    return [entry.name, entry.tag if entry.tag is not None else "<none>", digest,
+    return [entry.upstream, entry.tag if entry.tag is not None else "<none>", digest,
             ",".join(entry.platforms) or "-", human_size(entry.size), entry.file]
 
 
@@ -503,7 +512,50 @@ def _print_progress(step: CheckProgress) -> None:
     print(f"[{step.index}/{step.total}] {step.file} {outcome}", file=sys.stderr, flush=True)
 
 
+def _read_images_file(name: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    try:
+        return Path(name).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise SystemExit(f"simple-oci-registry: check --images: cannot read {name}: "
+                         f"{exc.strerror or exc}") from None
+
+
+def run_check_images(args: argparse.Namespace) -> int:
+    """``check --images FILE``: which references of a cluster the directory serves."""
+    references = read_references(_read_images_file(args.images))
+    results = check_images(os.path.realpath(args.dir), references,
+                           allow_outside=args.allow_outside_symlinks)
+    counts = {status: sum(1 for r in results if r.status is status) for status in ImageStatus}
+    ok = counts[ImageStatus.SERVED] == len(results)
+    if args.json:
+        print(json.dumps({"ok": ok, "images": [r.to_json() for r in results]}, indent=2))
+        return 0 if ok else 1
+    rows = [["STATUS", "IMAGE", "WRITTEN", "DETAIL"]]
+    for result in results:
+        detail = _short_digest(result.digest) if result.digest else result.reason
+        if result.status is ImageStatus.MISSING:
+            detail += f" (looked under {result.repository}/)"
+        shown = result.reference or result.written
+        rows.append([str(result.status), shown,
+                     result.written if result.written != shown else "", detail])
+    if results:
+        for line in _table(rows):
+            print(line)
+    summary = ", ".join(f"{counts[s]} {s}" for s in ImageStatus)
+    print(f"{len(results)} image reference{'s' if len(results) != 1 else ''}: {summary}")
+    return 0 if ok else 1
+
+
+def _short_digest(digest: str) -> str:
+    algorithm, _, encoded = digest.partition(":")
+    return f"{algorithm}:{encoded[:12]}"
+
+
 def run_check(args: argparse.Namespace) -> int:
+    if args.images is not None:
+        return run_check_images(args)
     show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
     started = time.monotonic()
     report = check_directory(os.path.realpath(args.dir),
