@@ -125,12 +125,13 @@ else
              "--customize-hook=rm -rf \"\$1\"/var/cache/* \"\$1\"/var/log/* \"\$1\"/var/lib/apt"
              "$SUITE")
     mirrors=("deb $DEBIAN_MIRROR $SUITE main" "deb $DEBIAN_SECURITY $SUITE-security main")
-    key=$(printf '%s\n' "$(mmdebstrap --version)" "${mm_args[@]}" "${mirrors[@]}" "$SOURCE_DATE_EPOCH" |
+    key=$(printf '%s\n' "$(mmdebstrap --version)" "${mm_args[@]}" "${mirrors[@]}" |
           sha256sum | cut -c1-16)
     rootfs="$IMAGE_CACHE_DIR/rootfs-$SUITE-$key.tar"
     if [ ! -s "$rootfs" ]; then
         log "making the Debian $SUITE root filesystem with mmdebstrap (cached as $rootfs)"
-        mmdebstrap --quiet --format=tar "${mm_args[@]}" "$rootfs.tmp" "${mirrors[@]}" \
+        # Not the commit's SOURCE_DATE_EPOCH: the tarball is cached across commits.
+        env -u SOURCE_DATE_EPOCH mmdebstrap --quiet --format=tar "${mm_args[@]}" "$rootfs.tmp" "${mirrors[@]}" \
             >"$rootfs.log" 2>&1 || { cat "$rootfs.log" >&2; die "mmdebstrap failed"; }
         mv -f "$rootfs.tmp" "$rootfs"
     fi
