@@ -133,7 +133,7 @@ class _Translator:
     def _volume(self, volume: dict[str, Any]) -> Path:
         kinds = set(volume) - {"name"}
         _check(kinds, {"emptyDir", "configMap", "hostPath"}, "volumes[]", self.notes)
-        path = self.scratch / "volumes" / volume["name"]
+        path = self.scratch / "volumes" / str(volume["name"])
         if "nfs" in volume:
             assert volume["nfs"].get("readOnly", False), "the image directory is served read-only"
             return self.nfs_stand_in
@@ -152,7 +152,7 @@ class _Translator:
             return path
         source = volume["hostPath"]
         _check(source, {"path", "type"}, "volumes[].hostPath", self.notes)
-        target = self.node_root / source["path"].lstrip("/")
+        target = self.node_root / str(source["path"]).lstrip("/")
         kind = source.get("type", "")
         if kind == "DirectoryOrCreate":
             target.mkdir(parents=True, exist_ok=True)
