@@ -19,9 +19,10 @@ Two details keep the stat comparison exact:
   after they arrived; a burst of requests shares one worker-thread hop instead of paying one
   each, and no request is answered from a stat taken before it arrived.
 
-A miss (about to become a 404) looks again with an ``open()`` of the directory, which forces
-NFS to revalidate its attributes (close-to-open), at most once per ``MISS_RECHECK_SECONDS`` per
-directory, so a flood of requests for unknown names cannot become a flood of directory reads.
+A miss (about to become a 404) looks again, asking the file server rather than the attribute
+cache (``statx`` with ``AT_STATX_FORCE_SYNC``), at most once per ``MISS_RECHECK_SECONDS`` per
+directory, so a flood of requests for unknown names cannot become a flood of directory reads:
+unknown names are answered from the cached listings.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from simple_oci_registry.fingerprint import Fingerprint
+from simple_oci_registry.fingerprint import Fingerprint, fresh_stat
 
 __all__ = ["SUFFIX", "DirectoryView", "Entry", "Listing", "Probe", "inside", "read_listing"]
 
@@ -182,15 +183,6 @@ def _entry(item: os.DirEntry[str], root: str, allow_outside: bool) -> Entry | No
     return Entry(item.name, item.path, inode, is_dir)
 
 
-def _fresh_stat(path: str) -> None:
-    """Make the kernel revalidate a directory's attributes: on NFS, ``open()`` of a directory
-    forces a GETATTR (close-to-open consistency, nfs(5)); a plain ``stat`` may be answered from
-    the attribute cache for up to ``actimeo`` seconds."""
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        os.close(fd)
-
-
 @dataclass(frozen=True, slots=True)
 class Revalidated:
     """What one check found: current listings by path and fingerprints by probe."""
@@ -227,7 +219,7 @@ class DirectoryView:
     async def check(self, dirs: Iterable[str], probes: Iterable[Probe] = (), *,
                     miss: bool = False) -> Revalidated:
         """Current listings of ``dirs`` and fingerprints of ``probes``, from stats taken after
-        this call began. With ``miss``, directories are first revalidated with an ``open()``
+        this call began. With ``miss``, directories are revalidated with the file server
         (rate-limited per directory), for an answer that is about to be a 404."""
         dirs = list(dirs)
         if miss:
@@ -246,6 +238,12 @@ class DirectoryView:
         if self._job is None:
             self._job = asyncio.create_task(self._run())
         return await asyncio.shield(waiter)
+
+    def recheck_due(self, dirs: Iterable[str]) -> bool:
+        """Would a miss on ``dirs`` be allowed to ask the file server again now?"""
+        now = self._clock()
+        return any(now - self._forced.get(path, float("-inf")) >= MISS_RECHECK_SECONDS
+                   for path in dirs)
 
     async def _run(self) -> None:
         try:
@@ -279,22 +277,25 @@ class DirectoryView:
         """Blocking: one stat per directory (a listing only where it changed) and per probe."""
         listings: dict[str, Listing] = {}
         for path in dirs:
-            if path in force:
-                _fresh_stat(path)
-            listings[path] = self._current(path)
+            listings[path] = self._current(path, fresh=path in force)
         files = {probe: probe.fingerprint() for probe in probes}
         self.stats_calls += len(dirs) + len(probes)
         return Revalidated(listings, files)
 
-    def _current(self, path: str) -> Listing:
+    def _current(self, path: str, *, fresh: bool = False) -> Listing:
+        """The listing of ``path`` as of now; ``fresh`` asks the file server rather than the
+        attribute cache (statx AT_STATX_FORCE_SYNC: one GETATTR on NFS), for a miss."""
         cached = self._listings.get(path)
         if cached is not None and cached.settled:
             try:
-                now = Fingerprint.of_path(path)
+                now = fresh_stat(path)[0] if fresh else Fingerprint.of_path(path)
             except OSError:
                 return _missing(path)
             if now == cached.fingerprint:
                 return cached
+        elif fresh:
+            with contextlib.suppress(OSError):
+                fresh_stat(path)  # refresh the kernel's view before reading the entries
         listing = read_listing(path, self.root, allow_outside=self._allow_outside)
         if listing.exists:
             self.listings_read += 1

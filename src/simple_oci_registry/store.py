@@ -110,12 +110,23 @@ class _Held:
             self.pin = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    """A name's current candidates and the directories checked to find them."""
+
+    checked: Revalidated
+    candidates: list[Candidate]
+    dirs: tuple[str, ...]
+    own: bool  # the name's own folder exists and was checked
+
+
 @dataclass(slots=True)
 class _Memo:
     """What resolving a name learnt: whether its answers need the parent directory (patterns
     3-5) and which archive served each tag, so the next request checks just those."""
 
     parent: bool = False
+    own: bool = True  # the name has a folder of its own (patterns 1-2)
     winners: dict[str, str] = field(default_factory=dict)
 
 
@@ -340,18 +351,25 @@ class ImageStore:
     # ------------------------------------------------------------------ resolution
 
     async def _by_tag(self, name: str, tag: str) -> ManifestRecord:
+        """Patterns in order: the name's own folder first and, only when it does not hold the
+        tag, the parent; a name never seen before starts from the parent's listing, which
+        says whether the name's folder exists at all."""
         name_dir, parent, base = split_name(self._root, name)
-        memo = self._memo.get(name) or _Memo()
-        want_parent = memo.parent
+        memo = self._memo.get(name)
+        own = memo is not None and memo.own  # look into the name's folder
+        beside = memo is None or memo.parent  # look beside it (patterns 3-5)
         candidates: list[Candidate] = []
-        missed = False
+        forced = False
         for _attempt in range(_ATTEMPTS):
-            dirs = [name_dir, parent] if want_parent else [name_dir]
-            hint = self._current.get(memo.winners.get(tag, ""))
+            dirs = ([name_dir] if own else []) + ([parent] if beside else [])
+            hint = self._current.get(memo.winners.get(tag, "")) if memo is not None else None
             probes = [hint.probe()] if hint is not None else []
-            checked = await self.directory.check(dirs, probes, miss=missed)
-            candidates = self._candidates(checked, name_dir, parent if want_parent else None,
-                                          base)
+            checked = await self.directory.check(dirs, probes, miss=forced)
+            if not own and _has_folder(checked.listings[parent], base):
+                own = True  # first sight of a name with a folder of its own
+                continue
+            candidates = self._candidates(checked, name_dir if own else None,
+                                          parent if beside else None, base)
             for candidate in ordered(candidates, tag):
                 held = await self._held(candidate, checked)
                 if held is None:
@@ -359,34 +377,50 @@ class ImageStore:
                 digest = _tag_in(held.layout, candidate, tag)
                 if digest is None:
                     continue
-                self._remember(name, memo, want_parent, tag, candidate.path)
+                self._remember(name, own, candidate.pattern is not Pattern.IN_DIRECTORY,
+                               tag, candidate.path)
                 return held.layout.manifests[digest]
-            if not want_parent:
-                want_parent = True  # nothing in the name's folder: look beside it (3-5)
+            if not beside:
+                beside = True  # nothing in the name's folder: look beside it (3-5)
                 continue
-            if missed:
+            if forced or not self.directory.recheck_due(dirs):
                 break
-            missed = True  # a miss looks again before it answers 404
+            forced = True  # a miss looks again, with the file server, before its 404
         if not candidates:
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": name})
         raise RegistryError(ErrorCode.MANIFEST_UNKNOWN,
                             self._why_missing(name, candidates, tag))
+
+    async def _lookup(self, name: str, *, miss: bool = False) -> _Lookup:
+        """Every current candidate of ``name`` (both folders), with the directories checked."""
+        name_dir, parent, base = split_name(self._root, name)
+        memo = self._memo.get(name)
+        if memo is None or not memo.own:
+            checked = await self.directory.check([parent], miss=miss)
+            if not _has_folder(checked.listings[parent], base):
+                return _Lookup(checked, self._candidates(checked, None, parent, base),
+                               (parent,), own=False)
+        checked = await self.directory.check([name_dir, parent], miss=miss)
+        return _Lookup(checked, self._candidates(checked, name_dir, parent, base),
+                       (name_dir, parent), own=True)
 
     async def _by_digest(self, name: str,
                          pick: Callable[[_Held], Awaitable[T | None]],
                          ) -> tuple[T | None, list[Candidate]]:
         """The first of the name's archives for which ``pick`` finds something: current ones
         in candidate order, then retired ones, then pins other workers retired."""
-        name_dir, parent, base = split_name(self._root, name)
         candidates: list[Candidate] = []
         adopted = self._pins is None or self._grace <= 0
-        for attempt in range(_ATTEMPTS):
-            checked = await self.directory.check([name_dir, parent], miss=attempt > 0)
-            candidates = self._candidates(checked, name_dir, parent, base)
-            helds = [h for c in candidates if (h := await self._held(c, checked)) is not None]
+        forced = False
+        for _attempt in range(_ATTEMPTS):
+            looked = await self._lookup(name, miss=forced)
+            candidates = looked.candidates
+            helds = [h for c in candidates
+                     if (h := await self._held(c, looked.checked)) is not None]
             for held in helds:
                 found = await pick(held)
                 if found is not None:
+                    self._remember(name, looked.own, False)
                     return found, candidates
             self._expire()
             for held in [h for h in self._retired if serves(self._root, name, h.path)]:
@@ -394,36 +428,38 @@ class ImageStore:
                 if found is not None:
                     self.stats.grace_hits += 1
                     return found, candidates
-            if adopted and attempt > 0:
-                break  # looked again, and at what other workers retired: a clean 404
             if not adopted:
-                await self._adopt_superseded(name)
+                await self._adopt_superseded(name)  # what other workers saw replaced
                 adopted = True
+                continue
+            if forced or not self.directory.recheck_due(looked.dirs):
+                break
+            forced = True
         if not candidates:
             raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": name})
         return None, candidates
 
     async def _all_current(self, name: str) -> list[tuple[Candidate, _Held]]:
-        name_dir, parent, base = split_name(self._root, name)
-        for attempt in range(_ATTEMPTS):
-            checked = await self.directory.check([name_dir, parent], miss=attempt > 0)
-            candidates = self._candidates(checked, name_dir, parent, base)
-            if not candidates:
-                if attempt == 0:
-                    continue  # a miss looks again before it answers 404
+        forced = False
+        for _attempt in range(_ATTEMPTS):
+            looked = await self._lookup(name, miss=forced)
+            if looked.candidates:
+                found: list[tuple[Candidate, _Held]] = []
+                for candidate in looked.candidates:
+                    held = await self._held(candidate, looked.checked)
+                    if held is not None:
+                        found.append((candidate, held))
+                self._remember(name, looked.own, False)
+                return found
+            if forced or not self.directory.recheck_due(looked.dirs):
                 break
-            found: list[tuple[Candidate, _Held]] = []
-            for candidate in candidates:
-                held = await self._held(candidate, checked)
-                if held is not None:
-                    found.append((candidate, held))
-            return found
+            forced = True  # a miss looks again before it answers 404
         raise RegistryError(ErrorCode.NAME_UNKNOWN, {"name": name})
 
-    def _candidates(self, checked: Revalidated, name_dir: str, parent: str | None,
+    def _candidates(self, checked: Revalidated, name_dir: str | None, parent: str | None,
                     base: str) -> list[Candidate]:
         self._reconcile(checked)
-        found = own_candidates(checked.listings[name_dir])
+        found = own_candidates(checked.listings[name_dir]) if name_dir is not None else []
         if parent is not None:
             found += parent_candidates(checked.listings[parent], base)
         return found
@@ -446,15 +482,20 @@ class ImageStore:
             else:
                 self._reconciled.pop(path, None)
 
-    def _remember(self, name: str, memo: _Memo, parent: bool, tag: str, path: str) -> None:
-        if name not in self._memo:
-            if len(self._memo) >= _MEMO_LIMIT:  # bounded: names come from requests
+    def _remember(self, name: str, own: bool, parent: bool, tag: str | None = None,
+                  path: str = "") -> None:
+        """Remember what answered for an existing name (bounded: names come from requests)."""
+        memo = self._memo.get(name)
+        if memo is None:
+            if len(self._memo) >= _MEMO_LIMIT:
                 self._memo.clear()
-            self._memo[name] = memo
+            memo = self._memo[name] = _Memo(own=own)
+        memo.own = memo.own or own
         memo.parent = memo.parent or parent
-        if len(memo.winners) >= 1024:
-            memo.winners.clear()
-        memo.winners[tag] = path
+        if tag is not None:
+            if len(memo.winners) >= 1024:
+                memo.winners.clear()
+            memo.winners[tag] = path
 
     # ------------------------------------------------------------------ held archives
 
@@ -681,6 +722,11 @@ class ImageStore:
 
     def _relative(self, path: str) -> str:
         return os.path.relpath(path, self._root)
+
+
+def _has_folder(listing: Listing, base: str) -> bool:
+    entry = listing.entries.get(base)
+    return entry is not None and entry.is_dir
 
 
 def _unchanged(broken: list[tuple[str, tuple[Fingerprint, str]]]) -> list[bool]:
