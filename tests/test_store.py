@@ -402,3 +402,12 @@ async def test_blob_located_in_an_archive_replaced_after_its_manifest(image_dir:
     location = await store.blob("app", parse_digest(layers[0]))
     data = await read_all(store, "app", location)
     assert "sha256:" + hashlib.sha256(data).hexdigest() == layers[0]
+
+
+async def test_a_name_first_seen_by_digest_then_by_tag(image_dir: Path) -> None:
+    # The blob request remembers the name (no folder of its own); the tag request after it
+    # must still look beside the name (regression: it looked nowhere and failed).
+    _, digest, layers = write_image(image_dir / "solo.oci", "solo", "latest")
+    store = store_for(image_dir)
+    assert (await store.blob("solo", parse_digest(layers[0]))).digest == layers[0]
+    assert (await store.manifest("solo", "latest")).digest == digest

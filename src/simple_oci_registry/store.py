@@ -357,7 +357,7 @@ class ImageStore:
         name_dir, parent, base = split_name(self._root, name)
         memo = self._memo.get(name)
         own = memo is not None and memo.own  # look into the name's folder
-        beside = memo is None or memo.parent  # look beside it (patterns 3-5)
+        beside = not own or memo is None or memo.parent  # look beside it (patterns 3-5)
         candidates: list[Candidate] = []
         forced = False
         for _attempt in range(_ATTEMPTS):
