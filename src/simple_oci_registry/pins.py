@@ -148,16 +148,7 @@ class PinTable:
             self._expire()
             mine = [p for path, held in self._pins.items() if serves(self.root, name, path)
                     for p in held]
-        for pin in mine:
-            if pin.superseded_at is None:
-                try:
-                    same = Fingerprint.of_path(pin.path) == pin.fingerprint
-                except OSError:
-                    same = False
-                if not same:
-                    with self._lock:
-                        if pin.superseded_at is None:
-                            pin.superseded_at = self.clock()
+        self._supersede_moved([p for p in mine if p.superseded_at is None])
         with self._lock:
             found = [(p.path, p.fingerprint, os.dup(p.fd)) for p in mine
                      if p.superseded_at is not None and p.fd >= 0]
@@ -175,19 +166,24 @@ class PinTable:
         """Start the grace period of pins whose path names another file or nothing now (a
         deletion no worker asked about), and close expired ones."""
         with self._lock:
-            current = [(path, held[-1]) for path, held in self._pins.items()
+            current = [held[-1] for held in self._pins.values()
                        if held and held[-1].superseded_at is None]
-        for path, pin in current:
+        self._supersede_moved(current)
+        with self._lock:
+            self._expire()
+
+    def _supersede_moved(self, pins: list[_Pin]) -> None:
+        """Start the grace period of pins whose path no longer names their file (a stat per
+        pin, outside the lock: NFS may be slow)."""
+        for pin in pins:
             try:
-                same = Fingerprint.of_path(path) == pin.fingerprint
+                same = Fingerprint.of_path(pin.path) == pin.fingerprint
             except OSError:
                 same = False
             if not same:
                 with self._lock:
                     if pin.superseded_at is None:
                         pin.superseded_at = self.clock()
-        with self._lock:
-            self._expire()
 
     def size(self) -> int:
         return self._count
