@@ -62,8 +62,9 @@ TAG: Final[str] = "1.0"
 _FORMAT: Final[int] = 1
 _ACCEPT: Final[tuple[tuple[str, str], ...]] = (("Accept", MANIFEST_ACCEPT),)
 _PAST_WINDOW: Final[float] = 1.2
-"""Seconds to wait for a "warm" request: past the server's default 1 s freshness window and
-past a 1 s attribute cache, the steady state of a name asked for less than once a second."""
+"""Seconds to wait for a "warm" request: past a 1 s attribute cache and past the server's
+once-a-second recheck of a missed directory, the steady state of a name asked for less than
+once a second (the server itself trusts nothing for a time: it stats on every request)."""
 _REPEATS: Final[int] = 3
 FS_STEPS: Final[tuple[tuple[str, str], ...]] = (
     ("first", "1st manifest, fresh server"),
