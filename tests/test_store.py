@@ -411,3 +411,15 @@ async def test_a_name_first_seen_by_digest_then_by_tag(image_dir: Path) -> None:
     store = store_for(image_dir)
     assert (await store.blob("solo", parse_digest(layers[0]))).digest == layers[0]
     assert (await store.manifest("solo", "latest")).digest == digest
+
+
+async def test_catalog_lists_what_users_mean(image_dir: Path) -> None:
+    # issue 13 item 13: app/a.oci and app/b.oci are app's tags a and b, not repositories
+    # "app/a" and "app/b"; team/app.oci holding tag 1.0 is the whole of team/app (pattern 5).
+    write_image(image_dir / "app" / "a.oci", "a", None)
+    write_image(image_dir / "app" / "b.oci", "b", None)
+    write_image(image_dir / "team" / "app.oci", "team-app", "1.0")
+    write_image(image_dir / "registry.k8s.io" / "pause:3.9.oci", "pause", None)
+    store = store_for(image_dir)
+    assert await store.catalog() == ["app", "registry.k8s.io/pause", "team", "team/app"]
+    assert (await store.manifest("registry.k8s.io/pause", "3.9")).digest

@@ -42,7 +42,7 @@ from simple_oci_registry.layout import (
     ManifestRecord,
     load_layout,
 )
-from simple_oci_registry.mirror import display_name, is_host_folder, repository_of
+from simple_oci_registry.mirror import display_name, host_folder_names, repository_of
 from simple_oci_registry.reference import InvalidReference, parse_image_reference, valid_tag
 from simple_oci_registry.resolver import (
     SUFFIX,
@@ -398,19 +398,10 @@ class SummaryCache:
 # ---------------------------------------------------------------------------- resolution
 
 
-def _host_folders(names: Sequence[str]) -> set[str]:
-    """Top-level names that are an upstream registry's folder (``registry.k8s.io`` beside
-    ``registry.k8s.io/pause``): the archives in them serve ``registry.k8s.io/pause:3.9``, and
-    nobody means the repository ``registry.k8s.io`` they also make pullable, so listings and
-    the duplicate-tag check leave such names out (the server still answers for them)."""
-    parents = {name.partition("/")[0] for name in names if "/" in name}
-    return {name for name in names if name in parents and is_host_folder(name)}
-
-
 def _candidates_by_name(root: str, allow_outside: bool) -> dict[str, tuple[Candidate, ...]]:
     names: dict[str, tuple[Candidate, ...]] = {}
     walked = walk_names(root, allow_outside=allow_outside)
-    hidden = _host_folders(walked)
+    hidden = host_folder_names(walked)
     for name in walked:
         if name in hidden:
             continue

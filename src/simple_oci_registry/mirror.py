@@ -31,6 +31,7 @@ other name. The rules, in :func:`repository_name`:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Final
 
 from simple_oci_registry.errors import ErrorCode, RegistryError
@@ -44,7 +45,8 @@ from simple_oci_registry.reference import (
     validate_name,
 )
 
-__all__ = ["display_name", "host_folder", "is_host_folder", "repository_name", "repository_of"]
+__all__ = ["display_name", "host_folder", "host_folder_names", "is_host_folder",
+           "repository_name", "repository_of"]
 
 # A port folder as host_folder writes it: "localhost_5000", "registry.example.com_8443".
 _PORT_FOLDER: Final = re.compile(r"(?P<host>[a-z0-9.-]+)_(?P<port>[0-9]{1,5})")
@@ -91,6 +93,16 @@ def is_host_folder(component: str) -> bool:
     match = _PORT_FOLDER.fullmatch(component)
     host = match["host"] if match is not None else component
     return "." in host or host == "localhost"
+
+
+def host_folder_names(names: Iterable[str]) -> set[str]:
+    """Top-level names that are an upstream registry's folder (``registry.k8s.io`` beside
+    ``registry.k8s.io/pause``): the archives in them serve ``registry.k8s.io/pause:3.9``, and
+    nobody means the repository ``registry.k8s.io`` they also make pullable, so listings, the
+    catalog and the duplicate-tag check leave such names out (the server still answers)."""
+    names = list(names)
+    parents = {name.partition("/")[0] for name in names if "/" in name}
+    return {name for name in names if name in parents and is_host_folder(name)}
 
 
 def display_name(name: str) -> str:

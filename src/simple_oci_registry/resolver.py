@@ -23,7 +23,7 @@ import contextlib
 import enum
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from simple_oci_registry.directory import SUFFIX, Entry, Listing, read_listing
@@ -132,16 +132,21 @@ def ordered(candidates: Sequence[Candidate], reference: str | None) -> list[Cand
     return sorted(candidates, key=rank)
 
 
-def names_in(listing: Listing, rel_dir: str) -> set[str]:
+def names_in(listing: Listing, rel_dir: str, tag_files: Collection[str] = ()) -> set[str]:
     """The repository names one directory's archives can be pulled as.
 
     A file ``a/b/c.oci`` serves two names: ``a/b`` (pattern 2) and ``a/b/c`` (pattern 5);
     ``a/x:1.oci`` serves ``a`` (pattern 2) and ``a/x`` (pattern 4). Invalid names are left out.
+    ``tag_files`` are entries known to serve ``<dir>:<stem>`` (``busybox/1.36.oci``): they
+    count for their directory's name only, not for the alias ``busybox/1.36`` that pattern 5
+    also makes pullable, since nobody means that alias.
     """
     names: set[str] = set()
     for entry in listing.archives:
         if rel_dir:
             names.add(rel_dir)  # any archive serves its directory's name (pattern 2)
+            if entry.name in tag_files:
+                continue
         # "<base>:<ref>.oci" (pattern 4) or "<base>.oci" (pattern 5) serves <base>; the ref
         # part only names an implicit tag, so an invalid one hides nothing.
         base = entry.name[: -len(SUFFIX)].partition(":")[0]

@@ -44,6 +44,7 @@ from simple_oci_registry.directory import DirectoryView, Listing, Probe, Revalid
 from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.layout import ImageLayout, ManifestRecord, load_layout
+from simple_oci_registry.mirror import host_folder_names
 from simple_oci_registry.pins import LocalPins, Pinned, Pins, PinTable, pins_usable
 from simple_oci_registry.reference import Digest
 from simple_oci_registry.resolver import (
@@ -167,6 +168,7 @@ class ImageStore:
         self._by_dir: dict[str, set[str]] = {}  # directory -> paths in _current
         self._reconciled: dict[str, Listing] = {}  # directory -> listing last reconciled
         self._catalog: tuple[tuple[object, ...], list[str]] | None = None
+        self._tag_file_cache: dict[str, tuple[Listing, frozenset[str]]] = {}
         self.stats = StoreStats()
         self.cache = BlobCache.create(config.cache_dir, config.cache_max_bytes)
 
@@ -300,9 +302,33 @@ class ImageStore:
             return self._catalog[1]
         names: set[str] = set()
         for listing, rel in listings:
-            names |= names_in(listing, rel)
+            names |= names_in(listing, rel, await self._tag_files(listing) if rel else ())
+        names -= host_folder_names(names)
         result = sorted(names)
         self._catalog = (key, result)
+        return result
+
+    async def _tag_files(self, listing: Listing) -> frozenset[str]:
+        """The archives of a (non-root) folder that serve ``<folder>:<stem>``, decided by
+        their content once per listing: the catalog lists them as tags, not as repositories
+        of their own (README, "Where images live")."""
+        cached = self._tag_file_cache.get(listing.path)
+        if cached is not None and cached[0] is listing:
+            return cached[1]
+        candidates = own_candidates(listing)
+        checked = await self.directory.check((), [
+            held.probe() for c in candidates if (held := self._current.get(c.path)) is not None])
+        found: set[str] = set()
+        for candidate in candidates:
+            if ":" in candidate.stem:
+                continue  # <stem> with a colon names no pattern-5 alias
+            layout = await self._held(candidate, checked)
+            if layout is not None and _tag_in(layout.layout, candidate, candidate.stem):
+                found.add(os.path.basename(candidate.path))
+        result = frozenset(found)
+        if len(self._tag_file_cache) > 10_000:  # bounded by the folders of the directory
+            self._tag_file_cache.clear()
+        self._tag_file_cache[listing.path] = (listing, result)
         return result
 
     async def rescan(self) -> None:
