@@ -61,6 +61,15 @@ class Metrics:
         self.rescans = Counter("registry_rescans", "Periodic full rescans run", registry=reg)
         self.verified_bytes = Counter("registry_blob_verified_bytes",
                                       "Blob bytes hashed to check their digest", registry=reg)
+        self.grace_hits = Counter(
+            "registry_grace_hits", "Digests served from archives replaced or removed within "
+            "the grace period", registry=reg)
+        self.listings_read = Counter(
+            "registry_directory_listings_read", "Directory listings read because the "
+            "directory changed (or was seen for the first time)", registry=reg)
+        self.directory_stats = Counter(
+            "registry_directory_stat_calls", "stat/fstat calls made to check that directories "
+            "and archives are unchanged", registry=reg)
         self.cache_entries = Gauge("registry_cache_entries", "Entries in the store's caches",
                                    ["cache"], multiprocess_mode="livesum", registry=reg)
         self.decompressions = Counter(
@@ -73,6 +82,7 @@ class Metrics:
         self.cache_evictions = Counter("registry_blob_cache_evictions",
                                        "Blobs evicted from the blob cache", registry=reg)
         self._synced = StoreStats()
+        self._synced_dir = (0, 0)
         self._synced_cache = CacheStats()
         # (endpoint, method, status) -> label children. Bounded: endpoint comes from a fixed
         # set, method is folded onto one (see observe), status from HTTP.
@@ -108,8 +118,12 @@ class Metrics:
             (self.archive_errors, now.archive_errors, last.archive_errors),
             (self.rescans, now.rescans, last.rescans),
             (self.verified_bytes, now.verified_bytes, last.verified_bytes),
+            (self.grace_hits, now.grace_hits, last.grace_hits),
+            (self.listings_read, store.directory.listings_read, self._synced_dir[0]),
+            (self.directory_stats, store.directory.stats_calls, self._synced_dir[1]),
         ))
         self._synced = dataclasses.replace(now)
+        self._synced_dir = (store.directory.listings_read, store.directory.stats_calls)
         if store.cache is not None:
             blobs, seen = store.cache.stats, self._synced_cache
             _add_deltas((
