@@ -12,6 +12,8 @@ packages=(skopeo umoci busybox-static podman buildah runc containerd uidmap mmde
           golang-github-containers-common nginx-light docker-registry wrk apache2-utils zstd
           chromium ca-certificates curl fuse3 libfuse3-3)
 
+# promtool, for the alert rules of deploy/kubernetes/components/monitoring (tests/test_monitoring.py).
+packages+=(prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
