@@ -61,6 +61,12 @@ class Metrics:
         self.rescans = Counter("registry_rescans", "Periodic full rescans run", registry=reg)
         self.verified_bytes = Counter("registry_blob_verified_bytes",
                                       "Blob bytes hashed to check their digest", registry=reg)
+        self.cache_bytes = Gauge(
+            "registry_blob_cache_bytes", "Bytes of blobs in the node's blob cache, as of the "
+            "last eviction pass", multiprocess_mode="max", registry=reg)
+        self.cache_max_bytes = Gauge(
+            "registry_blob_cache_max_bytes", "The blob cache's bound (--cache-max-bytes)",
+            multiprocess_mode="max", registry=reg)
         self.grace_hits = Counter(
             "registry_grace_hits", "Digests served from archives replaced or removed within "
             "the grace period", registry=reg)
@@ -133,6 +139,8 @@ class Metrics:
                 (self.cache_evictions, blobs.evictions, seen.evictions),
             ))
             self._synced_cache = dataclasses.replace(blobs)
+            self.cache_bytes.set(blobs.size_bytes)
+            self.cache_max_bytes.set(store.cache.max_bytes)
         for cache, size in store.snapshot().items():
             self.cache_entries.labels(cache).set(size)
 
