@@ -18,6 +18,8 @@ before and simply get no grace.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _MAX_MESSAGE: Final = 1 << 20
 _MAX_FDS: Final = 200  # below SCM_MAX_FD (253) descriptors per message
+_TIMEOUT: Final = 10.0
 PROC_FD: Final = "/proc/self/fd"
 
 
@@ -248,12 +251,24 @@ class PinClient:
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
+        # A supervisor that stopped answering must not hang a worker's threads for ever:
+        # past the timeout the archive is opened by path (no grace), as without pins.
+        self._sock.settimeout(_TIMEOUT)
         self._lock = threading.Lock()
+        self._broken = False
 
     def _call(self, request: dict[str, object]) -> tuple[dict[str, object], list[int]]:
         with self._lock:
-            self._sock.sendall(json.dumps(request).encode())
-            data, fds, _flags, _addr = socket.recv_fds(self._sock, _MAX_MESSAGE, _MAX_FDS + 1)
+            if self._broken:
+                raise ConnectionError("the pin table stopped answering earlier")
+            try:
+                self._sock.sendall(json.dumps(request).encode())
+                data, fds, _flags, _addr = socket.recv_fds(self._sock, _MAX_MESSAGE,
+                                                           _MAX_FDS + 1)
+            except TimeoutError:
+                # A late answer would be read as the next request's: stop using the socket.
+                self._broken = True
+                raise
         if not data:
             for fd in fds:
                 os.close(fd)
@@ -324,11 +339,17 @@ def serve_pins(table: PinTable, sock: socket.socket) -> None:
                 elif op == "gone":
                     table.gone(str(request["path"]), _decode_fp(request["fp"]))
                 socket.send_fds(sock, [json.dumps(reply).encode()], fds)
-            except (ValueError, KeyError, AttributeError) as exc:
-                log.error("pin table: bad request: %s", exc)
-                sock.sendall(b"{}")
-            except OSError:
-                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: no pin
+                    log.error("pin table: %s", exc)
+                    with contextlib.suppress(OSError):
+                        sock.sendall(b"{}")
+                    continue
+                return  # the worker is gone
+            except Exception:  # keep serving this worker whatever one request hit
+                log.exception("pin table: cannot answer %r", data[:200])
+                with contextlib.suppress(OSError):
+                    sock.sendall(b"{}")
             finally:
                 for fd in fds:
                     os.close(fd)
