@@ -69,8 +69,9 @@ from simple_oci_registry.directory import DirectoryView, Listing
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.layout import load_layout
 
-__all__ = ["PREPARE_SHARE", "PreparationStats", "PreparationStatus", "Preparer", "Survey",
-           "plan_preparation", "read_status"]
+__all__ = ["PREPARE_SHARE", "Outcome", "Plan", "PreparationStats", "PreparationStatus",
+           "Preparer", "Survey", "plan_preparation", "prepare_archive", "read_status",
+           "write_status"]
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class Survey:
 
 
 @dataclass(frozen=True, slots=True)
-class _Done:
+class Outcome:
     """What preparing one archive version gave."""
 
     fingerprint: Fingerprint
@@ -138,7 +139,7 @@ class Plan:
     deferred: tuple[str, ...]
 
 
-def plan_preparation(surveyed: Iterable[Survey], done: Mapping[str, _Done],
+def plan_preparation(surveyed: Iterable[Survey], done: Mapping[str, Outcome],
                      budget: int) -> Plan:
     """Newest first, every archive whose blob bytes still fit in ``budget`` is wanted; wanted
     ones not prepared (or failed) at their current fingerprint are pending."""
@@ -176,7 +177,7 @@ def read_status(cache_dir: Path) -> PreparationStatus | None:
         return None
 
 
-def _write_status(cache_dir: Path, status: PreparationStatus) -> None:
+def write_status(cache_dir: Path, status: PreparationStatus) -> None:
     fd, tmp = tempfile.mkstemp(dir=cache_dir / "tmp", prefix="preparation")
     try:
         with os.fdopen(fd, "w") as out:
@@ -215,7 +216,7 @@ class Preparer:
         self._child: asyncio.subprocess.Process | None = None
         self._surveyed: dict[str, tuple[Listing, dict[str, Fingerprint]]] = {}
         self._kinds: dict[str, tuple[Fingerprint, bool]] = {}  # path -> (seen at, compressed)
-        self._done: dict[str, _Done] = {}
+        self._done: dict[str, Outcome] = {}
         self._full_survey_at = float("-inf")
         self.active = False  # holds the node's lease
         self.status = PreparationStatus()
@@ -359,11 +360,11 @@ class Preparer:
             preparing=os.path.relpath(preparing, self._root) if preparing else None)
         if status != self.status:
             self.status = status
-            await asyncio.to_thread(_write_status, self._cache_dir, status)
+            await asyncio.to_thread(write_status, self._cache_dir, status)
 
     # ------------------------------------------------------------------ the child process
 
-    async def _prepare(self, path: str) -> _Done:
+    async def _prepare(self, path: str) -> Outcome:
         """Have the child prepare one archive; its answer, or a failure if it died."""
         child = await self._start_child()
         assert child.stdin is not None and child.stdout is not None
@@ -377,7 +378,7 @@ class Preparer:
             code = await child.wait()
             self._child = None
             fingerprint = await asyncio.to_thread(_fingerprint_or_none, path)
-            return _Done(fingerprint or Fingerprint(0, 0, 0, 0), False,
+            return Outcome(fingerprint or Fingerprint(0, 0, 0, 0), False,
                          reason=f"the preparation process exited (status {code})")
         answer = json.loads(line)
         self.stats.jobs += 1
@@ -389,7 +390,7 @@ class Preparer:
         log.debug("prepared %s in %.3fs: %d blob bytes, %d decompressions",
                   os.path.relpath(path, self._root), answer["seconds"], answer["blob_bytes"],
                   answer["decompressions"])
-        return _Done(fingerprint, bool(answer["ok"]), int(answer["blob_bytes"]),
+        return Outcome(fingerprint, bool(answer["ok"]), int(answer["blob_bytes"]),
                      str(answer["reason"]))
 
     async def _start_child(self) -> asyncio.subprocess.Process:
