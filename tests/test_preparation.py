@@ -3,20 +3,28 @@ archive prepared in this process against a real blob cache."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import gzip
 import time
 from pathlib import Path
 
+import pytest
+
 from simple_oci_registry.archive import ArchiveLimits
 from simple_oci_registry.blobcache import BlobCache
 from simple_oci_registry.catalogpage import render_page
+from simple_oci_registry.config import Config
+from simple_oci_registry.directory import DirectoryView
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.inventory import Listing
 from simple_oci_registry.layoutwriter import LayerFile, LayoutWriter, random_chunks
 from simple_oci_registry.preparation import (
+    LEASE_FILE,
     STATUS_FILE,
     Outcome,
     PreparationStatus,
+    Preparer,
     Survey,
     plan_preparation,
     prepare_archive,
@@ -121,3 +129,18 @@ def test_read_rate_paces_the_scan(tmp_path: Path) -> None:
                              ArchiveLimits(read_bytes_per_second=rate))
     assert answer["ok"]
     assert time.monotonic() - started >= 0.45
+
+
+async def test_an_unusable_lease_file_turns_preparation_off_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = BlobCache(tmp_path / "cache", 1 << 30)
+    (cache.directory / LEASE_FILE).mkdir()  # cannot be opened for writing: EISDIR
+    config = Config(directory=tmp_path)
+    preparer = Preparer.create(config, DirectoryView(config.root), cache)
+    assert preparer is not None
+    await asyncio.wait_for(preparer.run(), 5)  # returns instead of retrying for ever
+    assert not preparer.active
+    assert "cannot take the preparation lease" in caplog.text
+    assert Preparer.create(dataclasses.replace(config, prepare_ahead=False),
+                           DirectoryView(config.root), cache) is None
+    assert Preparer.create(config, DirectoryView(config.root), None) is None

@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -236,7 +237,13 @@ class Preparer:
     async def run(self) -> None:
         """Wait for the node's lease, then prepare for as long as this worker lives."""
         while self._lease is None:
-            self._lease = await asyncio.to_thread(_try_lease, self._cache_dir)
+            try:
+                self._lease = await asyncio.to_thread(_try_lease, self._cache_dir)
+            except OSError as exc:
+                log.warning("cannot take the preparation lease in %s (%s): compressed "
+                            "archives are decompressed on their first pull", self._cache_dir,
+                            exc.strerror or exc)
+                return
             if self._lease is None:
                 await asyncio.sleep(LEASE_RETRY_SECONDS)
         self.active = True
@@ -471,6 +478,8 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--read-rate", type=int, default=0)
     args = parser.parse_args(argv)
     logging.disable(logging.CRITICAL)  # failures go back in the answers; the worker logs
+    # Ctrl-C in a terminal reaches the whole process group: the worker ends this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     lower_priority()
     cache = BlobCache(args.cache_dir, args.cache_max_bytes, tidy=False)
     limits = ArchiveLimits(read_bytes_per_second=args.read_rate)
