@@ -96,6 +96,10 @@ class Metrics:
             "Compressed archives by background preparation state (prepared, pending, failed, "
             "deferred: over the cache share, left for first use)", ["state"],
             multiprocess_mode="livemax", registry=reg)
+        for state in ("prepared", "pending", "failed", "deferred"):
+            # Exported from the start (0 until the preparer reports), so alerts and dashboards
+            # see the series on every node, preparing or not (livemax keeps the preparer's).
+            self.preparation_archives.labels(state)
         self.preparation_progress = Gauge(
             "registry_preparation_last_progress_timestamp_seconds",
             "When background preparation last finished an archive (Unix time; 0: never)",
