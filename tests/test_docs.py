@@ -69,6 +69,8 @@ SUBSTITUTIONS = {
     "/tmp/bb": "SCRATCH/bb: the test writes nothing outside its scratch directory",
     "/tmp/x": "SCRATCH/x: the same scratch node root, inside the test's scratch directory",
     "/export/oci-images": "SCRATCH/oci-images: the NFS export, as a local directory",
+    "/etc/": "NODE_ROOT/etc/: the uninstall commands run on the scratch node root that "
+             "node-setup.sh configured, never on this machine's /etc",
     "127.0.0.1:5000": "127.0.0.1:PORT, only when port 5000 is taken on this machine; the "
                       "server is then started with LISTEN=127.0.0.1:PORT, as README says",
 }
@@ -376,7 +378,8 @@ def run_quickstart(blocks: list[Block], request: pytest.FixtureRequest, tmp_path
 
 
 def _serve(directory: Path, tmp_path: Path) -> RegistryProcess:
-    return RegistryProcess(directory, log_path=tmp_path / "registry.log").start()
+    """A registry on a free loopback port; ``with`` starts it and stops it."""
+    return RegistryProcess(directory, log_path=tmp_path / "registry.log")
 
 
 def run_mirror_curl(blocks: list[Block], request: pytest.FixtureRequest, tmp_path: Path) -> None:
@@ -436,6 +439,40 @@ def run_node_setup_scratch(blocks: list[Block], request: pytest.FixtureRequest,
     assert {"etc/hosts",
             "etc/containerd/certs.d/registry.local:5000/hosts.toml",
             "etc/containers/registries.conf.d/50-simple-oci-registry.conf"} <= written, listed
+
+
+def run_node_uninstall(blocks: list[Block], request: pytest.FixtureRequest,
+                       tmp_path: Path) -> None:
+    """operations.md §9: the uninstall commands remove everything node-setup.sh wrote, in
+    every mode (TLS, mirrors), and nothing else. They run on a scratch node root that
+    node-setup.sh has configured: the block's ``/etc/`` becomes ``NODE_ROOT/etc/``.
+    """
+    (block,) = blocks
+    node = tmp_path / "node"
+    etc = node / "etc"
+    (etc / "containerd" / "certs.d" / "other.example").mkdir(parents=True)
+    others = {
+        etc / "hosts": "127.0.0.1 localhost\n10.0.0.5 node-a.example node-a\n",
+        etc / "containerd" / "certs.d" / "other.example" / "hosts.toml":
+            'server = "https://other.example"\n',
+    }
+    for path, text in others.items():
+        path.write_text(text)
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    subprocess.run(["sh", str(ROOT / "deploy" / "node-setup.sh")], check=True,
+                   capture_output=True, text=True, timeout=60,
+                   env=dict(os.environ, NODE_ROOT=str(node), REGISTRY_TLS="true",
+                            REGISTRY_CA_FILE=str(ca), MIRROR_REGISTRIES="docker.io quay.io"))
+    written = {p for p in node.rglob("*") if p.is_file()} - set(others)
+    assert len(written) >= 6, written  # the run above did write its files
+    text = substitute(block.text, {"/etc/": f"{etc}/"})
+    assert not re.search(r"(^|[\s'\"])/etc", text), f"{block.where}: a path escaped the table"
+    check(run_shell(text, tmp_path), block)
+    left = {p.relative_to(node).as_posix() for p in node.rglob("*") if p.is_file()}
+    assert left == {p.relative_to(node).as_posix() for p in others}, left
+    for path, original in others.items():
+        assert path.read_text() == original
 
 
 def run_publish_by_rename(blocks: list[Block], request: pytest.FixtureRequest,
@@ -517,6 +554,7 @@ RUNNERS: dict[str, Runner] = {
     "mirror-curl": run_mirror_curl,
     "pulling": run_pulling,
     "node-setup-scratch": run_node_setup_scratch,
+    "node-uninstall": run_node_uninstall,
     "publish-by-rename": run_publish_by_rename,
     "check-images": run_check_images,
 }
