@@ -520,7 +520,9 @@ def run_check_images(blocks: list[Block], request: pytest.FixtureRequest,
 
     The directory holds what the output says is served; ``images.txt`` holds the references
     of the WRITTEN column (the IMAGE itself where the column is blank), as a cluster's pods
-    would name them. Digests differ from the doc's; every other column and the summary match.
+    would name them. ``$DIR`` is set in the environment to that scratch directory, as the
+    section's first block sets it to the export. Digests differ from the doc's; every other
+    column and the summary match.
     """
     (block,) = blocks
     (command,) = block.commands()
