@@ -1,0 +1,36 @@
+"""The repository as a newcomer receives it: it stands alone and says what it is.
+
+These check the files around the code (licence, README, helper docstrings) for the promises a
+fresh clone makes: what the licence metadata names exists, nothing points at documents outside
+the repository, and the README answers the first question of someone whose port 5000 is taken.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Files a clone carries that a reader is sent to; a path outside the repository in any of them
+# is a dead end for everyone but the machine it was written on.
+_TEXT_SUFFIXES = {".py", ".md", ".sh", ".toml", ".yaml", ".yml", ".cfg", ""}
+_OUTSIDE = re.compile(r"/wor[k]/|/hom[e]/[a-z]")  # brackets: this line must not match itself
+
+
+def _tracked_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                            check=True, timeout=60).stdout.decode().split("\0")
+    return [ROOT / name for name in listed if name]
+
+
+def test_the_license_file_matches_the_declared_license() -> None:
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"]
+    assert declared == "MIT"
+    assert 'org.opencontainers.image.licenses="MIT"' in (ROOT / "Containerfile").read_text()
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n")
+    assert "Copyright (c) 2026 Simple OCI Registry contributors" in text
+    assert "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND" in text
