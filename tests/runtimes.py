@@ -4,7 +4,8 @@ Why a helper: kubelet's runtimes keep state in system paths (/var/lib/containerd
 /var/lib/containers) and answer to a system service manager this sandbox does not have. These
 helpers give each test its own containerd (own root, state and sockets) and its own podman/buildah
 configuration and storage, all under a scratch directory, so tests never touch or depend on a
-system-wide runtime and can run side by side. See /work/shared/docs/clients.md for the recipe.
+system-wide runtime and can run side by side. The recipe is in the classes below: Containerd's
+generated config.toml and ContainersConfig's storage.conf/registries.conf/policy.json.
 """
 
 from __future__ import annotations

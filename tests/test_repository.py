@@ -34,3 +34,14 @@ def test_the_license_file_matches_the_declared_license() -> None:
     assert text.startswith("MIT License\n")
     assert "Copyright (c) 2026 Simple OCI Registry contributors" in text
     assert "THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND" in text
+
+
+def test_no_file_refers_to_a_document_outside_the_repository() -> None:
+    offenders = []
+    for path in _tracked_files():
+        if path.suffix not in _TEXT_SUFFIXES or not path.is_file():
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if _OUTSIDE.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
