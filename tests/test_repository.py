@@ -45,3 +45,13 @@ def test_no_file_refers_to_a_document_outside_the_repository() -> None:
             if _OUTSIDE.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_readme_tells_how_to_serve_the_demo_on_another_port() -> None:
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"make serve LISTEN=([^\s`]+)", readme)
+    assert match, "README does not say how to pick another address for make serve"
+    # What the README says is what the Makefile does with it (a dry run: nothing starts).
+    dry_run = subprocess.run(["make", "-n", "serve", f"LISTEN={match[1]}"], cwd=ROOT,
+                             capture_output=True, text=True, check=True, timeout=60).stdout
+    assert f"--listen {match[1]}" in dry_run
