@@ -491,6 +491,16 @@ def test_node_setup_creates_etc_hosts_when_missing(shell: list[str], node_root: 
     assert (node_root / "etc/hosts").read_text() == f"127.0.0.1 registry.local # {MARKER}\n"
 
 
+def test_node_setup_on_an_empty_scratch_root(shell: list[str], tmp_path: Path) -> None:
+    """docs/operations.md §4 runs it on a directory that does not exist yet."""
+    root = tmp_path / "x"
+    result = _run(shell, root, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (root / "etc/hosts").read_text() == f"127.0.0.1 registry.local # {MARKER}\n"
+    assert (root / "etc/containerd/certs.d/registry.local:5000/hosts.toml").is_file()
+    assert (root / "etc/containers/registries.conf.d/50-simple-oci-registry.conf").is_file()
+
+
 def test_node_setup_tls_variant(shell: list[str], node_root: Path, tmp_path: Path) -> None:
     ca = tmp_path / "ca.crt"
     ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")

@@ -181,6 +181,8 @@ copy_file() {
 
 setup_etc_hosts() {
     hosts="$NODE_ROOT/etc/hosts"
+    # A scratch NODE_ROOT (a dry run) may not have etc/ yet; a node always has.
+    mkdir -p "$NODE_ROOT/etc"
     line="$REGISTRY_ALIAS_IP $REGISTRY_HOST # $MARKER"
     kept=
     if [ -f "$hosts" ]; then
