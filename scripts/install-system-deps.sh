@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests, the demo and the benchmark drive: real registry
-# clients (skopeo, podman, buildah, containerd/ctr, umoci), mmdebstrap for the image's offline base
-# (make image), a static busybox for runnable demo
-# images, the reference servers of the benchmark (nginx, CNCF distribution), wrk, and Chromium
-# for the catalog page test, and FUSE (fusermount3, libfuse3) for the slow-storage passthrough
-# of tests/test_latencyfs.py and the benchmark. Only missing packages are installed; services
-# are not started.
+# clients (skopeo, podman, buildah, containerd/ctr, umoci), mmdebstrap for the image's offline
+# base (make image), a static busybox for runnable demo images, the reference servers of the
+# benchmark (nginx, CNCF distribution), wrk, Chromium for the catalog page test, FUSE
+# (fusermount3, libfuse3) for the slow-storage passthrough of tests/test_latencyfs.py and the
+# benchmark, and shellcheck for deploy/node-setup.sh. Only missing packages are installed;
+# services are not started.
 set -euo pipefail
 
 packages=(skopeo umoci busybox-static podman buildah runc containerd uidmap mmdebstrap
           golang-github-containers-common nginx-light docker-registry wrk apache2-utils zstd
-          chromium ca-certificates curl fuse3 libfuse3-3)
+          chromium ca-certificates curl fuse3 libfuse3-3 shellcheck)
 
 # promtool, for the alert rules of deploy/kubernetes/components/monitoring (tests/test_monitoring.py).
 packages+=(prometheus)

@@ -55,3 +55,48 @@ def test_readme_tells_how_to_serve_the_demo_on_another_port() -> None:
     dry_run = subprocess.run(["make", "-n", "serve", f"LISTEN={match[1]}"], cwd=ROOT,
                              capture_output=True, text=True, check=True, timeout=60).stdout
     assert f"--listen {match[1]}" in dry_run
+
+
+# Every command a test skips without, and the Debian package that provides it. CI runs
+# scripts/install-system-deps.sh before the tests, so a test that skips for want of one of
+# these in CI is a test nobody runs.
+_TOOL_PACKAGES = {
+    "busybox": "busybox-static",
+    "chromium": "chromium",
+    "htpasswd": "apache2-utils",
+    "runc": "runc",
+    "setpriv": "util-linux",
+    "shellcheck": "shellcheck",
+    "skopeo": "skopeo",
+    "umoci": "umoci",
+    "wrk": "wrk",
+}
+# Commands no package of this distribution provides: tests needing them skip with the reason.
+_NOT_PACKAGED = {"kubectl"}
+_ESSENTIAL = {"util-linux"}  # always installed on Debian, never listed
+
+
+def _installed_packages() -> list[str]:
+    script = (ROOT / "scripts/install-system-deps.sh").read_text()
+    match = re.search(r"^packages=\(([^)]*)\)", script, re.MULTILINE)
+    assert match, "install-system-deps.sh has no packages=(...) list"
+    return match[1].split()
+
+
+def test_every_tool_a_test_skips_without_is_installed_for_ci() -> None:
+    used = set()
+    for path in (ROOT / "tests").glob("*.py"):
+        used |= set(re.findall(r'shutil\.which\("([\w.+-]+)"\)', path.read_text()))
+    # The shell running a script, and another distribution's name tried after "chromium".
+    used -= {"dash", "sh", "chromium-browser"}
+    assert used - _NOT_PACKAGED <= set(_TOOL_PACKAGES), "map the new tool to its package"
+    packages = set(_installed_packages()) | _ESSENTIAL
+    missing = {tool: _TOOL_PACKAGES[tool] for tool in used - _NOT_PACKAGED
+               if _TOOL_PACKAGES[tool] not in packages}
+    assert missing == {}, "scripts/install-system-deps.sh does not install these"
+    for tool in used - _NOT_PACKAGED:
+        # Where the package is installed, check it really ships the command.
+        listing = subprocess.run(["dpkg", "-L", _TOOL_PACKAGES[tool]], capture_output=True,
+                                 text=True, timeout=60)
+        if listing.returncode == 0:
+            assert re.search(rf"/s?bin/{re.escape(tool)}$", listing.stdout, re.MULTILINE), tool
