@@ -296,6 +296,22 @@ def test_truncated_gzip_is_an_archive_error(tmp_path: Path) -> None:
         open_archive(str(path))
 
 
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+@pytest.mark.parametrize("content", [b"just some text, not a tar archive\n" * 40, b"",
+                                     b"short"], ids=["text", "empty", "short"])
+def test_compressed_stream_that_is_not_a_tar_says_so(tmp_path: Path, compression: str,
+                                                     content: bytes) -> None:
+    """Intact compression around something else: the message names what the file is, not a
+    tarfile detail (\"invalid header\") that reads like a damaged download."""
+    path = tmp_path / "a.oci"
+    path.write_bytes(gzip.compress(content) if compression == "gzip"
+                     else zstandard.ZstdCompressor().compress(content))
+    with pytest.raises(ArchiveError) as raised:
+        open_archive(str(path))
+    assert str(raised.value).startswith(
+        f"a {compression} stream whose content is not a tar archive"), raised.value
+
+
 # --------------------------------------------------------------------------- directories
 
 

@@ -788,8 +788,14 @@ class CompressedTarArchive(Archive):
             try:
                 with _decompressor(kind, compressed) as stream:
                     bounded = io.BufferedReader(_BoundedReader(stream, budget), _CHUNK)
-                    with tarfile.open(fileobj=bounded, mode="r|",
-                                      tarinfo=_GuardedTarInfo) as tf:
+                    try:
+                        # Opening reads the first header; decompression errors are not
+                        # ReadError, so this one means the decompressed bytes are no tar.
+                        tf = tarfile.open(fileobj=bounded, mode="r|", tarinfo=_GuardedTarInfo)
+                    except tarfile.ReadError as exc:
+                        raise ArchiveError(f"a {kind.value} stream whose content is not a tar "
+                                           f"archive (the tar reader says: {exc})") from exc
+                    with tf:
                         for count, info in enumerate(tf, 1):
                             # Checked before tarfile skips the data: an enormous size would
                             # have it read an empty stream block by block for ages.
