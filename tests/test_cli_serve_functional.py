@@ -297,6 +297,51 @@ def test_bad_image_directory_exits_2_with_a_clear_message(tmp_path: Path, how: s
     assert "--dir" in result.stderr
 
 
+# ------------------------------------------------------------------------------ the port
+
+
+def serve_command(directory: Path, listen: str, workers: str) -> list[str]:
+    return [sys.executable, "-m", "simple_oci_registry", "serve", "--dir", str(directory),
+            "--listen", listen, "--workers", workers, "--cache-dir",
+            str(directory.parent / f"cache-{workers}")]
+
+
+def assert_one_line_port_error(stderr: str, listen: str) -> None:
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert f"cannot listen on {listen}" in lines[0] and "already in use" in lines[0], stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_held_by_another_program_is_a_one_line_error(tmp_path: Path,
+                                                            workers: str) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        listen = f"127.0.0.1:{holder.getsockname()[1]}"
+        result = subprocess.run(serve_command(images, listen, workers), capture_output=True,
+                                text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == ""  # never claimed to be serving
+    assert_one_line_port_error(result.stderr, listen)
+
+
+def test_an_address_this_host_does_not_have_is_a_one_line_error(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): never assigned to a host; bind fails, nothing sent.
+    result = subprocess.run(serve_command(images, "192.0.2.1:0", "1"), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        "simple-oci-registry: error: cannot listen on 192.0.2.1:0: cannot assign requested "
+        "address"]
+
+
 # ------------------------------------------------------------------------------ rescan
 
 

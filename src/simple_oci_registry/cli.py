@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -463,7 +464,18 @@ def _raise_open_files_limit() -> None:
 
 def _serve(config: Config) -> int:
     _raise_open_files_limit()
-    sock = _bind(config, reuse_port=config.workers > 1)
+    try:
+        sock = _bind(config, reuse_port=config.workers > 1)
+    except OSError as exc:
+        # An operator's mistake (port taken, address not on this host, privileged port), not
+        # a bug: one line that names the address, and a failed exit for the service manager.
+        shown = f"[{config.host}]" if ":" in config.host else config.host
+        reason = (exc.strerror or str(exc)).lower()
+        if exc.errno == errno.EADDRINUSE:
+            reason += " (another program or another registry holds this port)"
+        print(f"simple-oci-registry: error: cannot listen on {shown}:{config.port}: {reason}",
+              file=sys.stderr)
+        return 1
     host, port = sock.getsockname()[:2]
     scheme = "https" if config.tls_cert else "http"
     shown_host = f"[{host}]" if ":" in host else host
