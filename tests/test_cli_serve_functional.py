@@ -111,8 +111,10 @@ def start_download(registry: RegistryProcess, digest: str) -> tuple[http.client.
 # ------------------------------------------------------------------------------ SIGTERM
 
 
-def test_sigterm_lets_an_inflight_download_finish(big_image: BigImage, start: Start) -> None:
-    registry = start(big_image.root, "--shutdown-timeout", "20")
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_lets_an_inflight_download_finish(big_image: BigImage, start: Start,
+                                                  workers: str) -> None:
+    registry = start(big_image.root, "--shutdown-timeout", "20", "--workers", workers)
     assert registry.process is not None
     connection, response = start_download(registry, big_image.digest)
     hasher = hashlib.sha256()
@@ -180,8 +182,8 @@ def test_workers_run_as_children_and_a_killed_one_is_replaced(
         victim = min(workers)
         os.kill(victim, signal.SIGKILL)
         poll(lambda: victim not in child_pids(supervisor), "the killed worker gone")
-        # Connections the kernel had already queued on the killed worker's socket are reset
-        # (SO_REUSEPORT keeps one accept queue per worker); new ones reach the other worker.
+        # A connection the killed worker had accepted may be reset; the workers share one
+        # accept queue, so every other connection reaches the surviving worker.
         with contextlib.suppress(ConnectionError):
             get(registry.url + paths[0])
         all_ok(registry, paths, 10)  # the other worker answers meanwhile
@@ -340,6 +342,28 @@ def test_an_address_this_host_does_not_have_is_a_one_line_error(tmp_path: Path) 
     assert result.stderr.splitlines() == [
         "simple-oci-registry: error: cannot listen on 192.0.2.1:0: cannot assign requested "
         "address"]
+
+
+def test_a_second_registry_on_the_same_port_fails_and_the_first_keeps_it(
+        shared_images: StandardImages, start: Start, tmp_path: Path) -> None:
+    """Only the workers of one server share its socket: a second instance (another --dir)
+    must not join the port and take every other connection."""
+    first = start(shared_images.root, "--workers", "2")
+    other = tmp_path / "other-images"
+    other.mkdir()
+    with subprocess.Popen(serve_command(other, first.host, "2"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True) as second:
+        try:
+            _, stderr = second.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            second.send_signal(signal.SIGTERM)
+            second.communicate(timeout=POLL_LIMIT)
+            pytest.fail("a second registry started on a port another registry serves")
+    assert second.returncode == 1
+    assert_one_line_port_error(stderr, first.host)
+    # Every connection still reaches the first registry's workers and their images.
+    statuses = {get(first.url + "/v2/app/manifests/1.0")[0] for _ in range(20)}
+    assert statuses == {200}
 
 
 # ------------------------------------------------------------------------------ rescan

@@ -1,9 +1,11 @@
 """The ``simple-oci-registry`` command: flags (each with a ``SOR_*`` environment twin) → Config.
 
-``serve`` (the default) runs the registry: with ``--workers N > 1`` the parent process binds the
-port, forks N workers that each listen on it with SO_REUSEPORT (the kernel spreads connections
-across them; they share nothing but the image directory), restarts a worker that dies, and
-forwards SIGTERM/SIGINT so each worker drains its in-flight transfers before exiting.
+``serve`` (the default) runs the registry: with ``--workers N > 1`` the parent process binds and
+listens on the port once, forks N workers that all accept from that one socket (they share
+nothing else but the image directory), restarts a worker that dies, and forwards
+SIGTERM/SIGINT so each worker drains its in-flight transfers before exiting. The socket is
+never opened with SO_REUSEPORT: a second registry (or any other program) asking for the same
+port gets EADDRINUSE instead of silently receiving every other connection.
 
 ``ls`` prints what the directory serves (name, tag, digest, platforms, size, file) and ``check``
 validates every archive in it, exiting 1 when it finds problems, so both fit scripts and CI.
@@ -60,6 +62,7 @@ ENV_PREFIX: Final = "SOR_"
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 _QUICK_FAILURE_SECONDS: Final = 5.0
 _MAX_QUICK_FAILURES: Final = 5
+_BACKLOG: Final = 1024
 SUBCOMMANDS: Final = ("serve", "ls", "check", "publish")
 T = TypeVar("T")
 
@@ -194,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--listen", default=DEFAULTS.listen, type=listen_arg,
          help="address to listen on, HOST:PORT (port 0 picks a free port)")
     _add(serve, "--workers", default=default_workers(), type=_non_negative(int),
-         help="worker processes sharing the port (SO_REUSEPORT)")
+         help="worker processes accepting from the one listening socket")
     _add(serve, "--rescan-interval", default=DEFAULTS.rescan_interval,
          type=_non_negative(float), help="seconds between full rescans of known names")
     _add(serve, "--freshness-window", default=None, type=_non_negative(float),
@@ -284,13 +287,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
         prepare_ahead=args.prepare_ahead, prepare_read_rate=args.prepare_read_rate)
 
 
-def _bind(config: Config, *, reuse_port: bool) -> socket.socket:
+def _listen(config: Config) -> socket.socket:
+    """The one listening socket of this server, inherited by every worker.
+
+    SO_REUSEADDR only lets a restarted server bind while connections of its predecessor sit
+    in TIME_WAIT; it never lets two listeners share a port. SO_REUSEPORT is deliberately
+    not set: any process of the same user could then join the port and take a share of the
+    connections (a second registry with another --dir answering 404 for every other pull).
+    """
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((config.host, config.port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((config.host, config.port))
+        sock.listen(_BACKLOG)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -311,8 +324,14 @@ async def _serve_socket(config: Config, sock: socket.socket) -> None:
     await registry.startup()
     tls = ReloadingTLS(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key \
         else None
-    site = web.SockSite(runner, sock, ssl_context=tls.context if tls else None, backlog=1024)
+    # asyncio takes "backlog" both for listen() and as the number of connections one worker
+    # accepts per wake-up. Workers share one accept queue, so a worker that drained a burst
+    # of connections alone would serve all of them while the others idle: each worker takes
+    # one connection per wake-up, and the queue keeps its full length (listen() again).
+    site = web.SockSite(runner, sock, ssl_context=tls.context if tls else None,
+                        backlog=1 if config.workers > 1 else _BACKLOG)
     await site.start()
+    sock.listen(_BACKLOG)
     watcher = asyncio.create_task(tls.watch()) if tls else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -326,12 +345,6 @@ async def _serve_socket(config: Config, sock: socket.socket) -> None:
     # Stops accepting, lets in-flight transfers finish up to shutdown_timeout, then cancels.
     await runner.cleanup()
     await registry.cleanup()
-
-
-def _worker(config: Config, port: int) -> None:
-    sock = _bind(dataclasses.replace(config, port=port), reuse_port=True)
-    sock.listen(1024)
-    asyncio.run(_serve_socket(config, sock))
 
 
 def _start_pin_service(table: PinTable) -> tuple[socket.socket, socket.socket]:
@@ -350,8 +363,8 @@ def _sweep_pins(table: PinTable, interval: float) -> None:
             log.exception("pin sweep failed")
 
 
-def _supervise(config: Config, port: int) -> int:
-    """Fork the workers and keep them running until told to stop.
+def _supervise(config: Config, sock: socket.socket) -> int:
+    """Fork the workers, which accept from ``sock``, and keep them running until told to stop.
 
     A worker that dies is replaced; workers that keep dying right after they start (a bad
     certificate, an unusable directory) make the supervisor give up and exit non-zero, so
@@ -381,7 +394,7 @@ def _supervise(config: Config, port: int) -> int:
                 pair[0].detach()  # the supervisor's end: not this process's to use or close
                 worker_config = dataclasses.replace(config, pin_socket_fd=pair[1].detach())
             try:
-                _worker(worker_config, port)
+                asyncio.run(_serve_socket(worker_config, sock))
             except BaseException:
                 log.exception("worker failed")
                 code = 1
@@ -394,6 +407,9 @@ def _supervise(config: Config, port: int) -> int:
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
+        # The socket closes for good once the workers have closed their copies too, so new
+        # clients are refused (and try another node) rather than queued for nobody.
+        sock.close()
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -465,7 +481,7 @@ def _raise_open_files_limit() -> None:
 def _serve(config: Config) -> int:
     _raise_open_files_limit()
     try:
-        sock = _bind(config, reuse_port=config.workers > 1)
+        sock = _listen(config)
     except OSError as exc:
         # An operator's mistake (port taken, address not on this host, privileged port), not
         # a bug: one line that names the address, and a failed exit for the service manager.
@@ -482,11 +498,9 @@ def _serve(config: Config) -> int:
     print(f"simple-oci-registry {__version__} serving {config.directory} on "
           f"{scheme}://{shown_host}:{port}/ with {config.workers} worker(s)", flush=True)
     if config.workers == 1:
-        sock.listen(1024)
         asyncio.run(_serve_socket(config, sock))
         return 0
-    # The parent keeps its bound (not listening) socket so the port stays reserved.
-    return _supervise(config, port)
+    return _supervise(config, sock)
 
 
 def _table(rows: Sequence[Sequence[str]], right: frozenset[int] = frozenset()) -> list[str]:
