@@ -270,3 +270,96 @@ def test_default_workers_follow_affinity_and_cgroup_quota(
     expected = available if expected_cap is None else min(available, expected_cap)
     assert cli.default_workers(str(quota_file)) == expected
     assert cli.default_workers(str(tmp_path / "missing")) == available
+
+
+# --------------------------------------------------------------------------- help = README
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+# What each flag does beyond its name, as `serve --help` and the README's configuration table
+# must both say it (the behaviour itself is tested where it lives: the 429 of
+# --max-connections in test_cli_serve_functional, a 0 rescan interval there too, the cache
+# bound in test_blobcache, reloads in test_tls and test_auth).
+FACTS: dict[str, tuple[str, ...]] = {
+    "--listen": ("port 0 picks a free port",),
+    "--workers": ("one listening socket", "0 counts as 1"),
+    "--rescan-interval": ("0: never",),
+    "--freshness-window": ("retired", "ignored"),
+    "--grace-period": ("downloadable by digest", "0: none"),
+    "--tls-cert": ("HTTPS", "re-read when they change"),
+    "--htpasswd": ("bcrypt", "basic auth", "re-read when it changes"),
+    "--cache-dir": ("gzip/zstd",),
+    "--cache-max-bytes": ("least recently used", "0: no cache"),
+    "--max-connections": ("requests in flight per worker", "429", "Retry-After",
+                          "0: no limit"),
+    "--allow-outside-symlinks": ("symlinks", "outside"),
+    "--prepare-ahead": ("gzip/zstd", "background"),
+    "--prepare-read-rate": ("compressed bytes per second", "0: no bound"),
+    "--log-format": ("json",),
+    "--shutdown-timeout": ("SIGTERM",),
+}
+
+
+def readme_flag_rows() -> dict[str, tuple[list[str], str, str]]:
+    """The README's flag table: flag -> (env twins, default cell, meaning cell)."""
+    rows: dict[str, tuple[list[str], str, str]] = {}
+    for line in README.read_text().splitlines():
+        if not line.startswith("| `--"):
+            continue
+        flags, env, default, meaning = (cell.strip() for cell in line.strip("|").split(" | "))
+        envs = [name.strip("` ") for name in env.split(",")]
+        for flag in flags.replace("/", ",").split(","):
+            rows[flag.strip("` ")] = (envs, default, meaning)
+    return rows
+
+
+def serve_help() -> dict[str, tuple[str, object]]:
+    """flag -> (its help text with argparse's placeholders filled in, its default value)."""
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    serve = subparsers.choices["serve"]
+    found: dict[str, tuple[str, object]] = {}
+    for action in serve._actions:
+        for flag in action.option_strings:
+            # "--no-X" comes with every boolean "--X" (BooleanOptionalAction).
+            if flag.startswith("--") and flag != "--help" and not flag.startswith("--no-"):
+                assert action.help is not None
+                found[flag] = (action.help % {"default": action.default}, action.default)
+    return found
+
+
+def readme_default(cell: str) -> object:
+    text = cell.strip("`")
+    units = {"GiB": 1 << 30, "MiB": 1 << 20}
+    number, _, unit = text.partition(" ")
+    if unit in units:
+        return int(number) * units[unit]
+    return {"none": None, "—": None, "on": True, "off": False}.get(text, text)
+
+
+def test_help_and_readme_agree_on_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    helps = serve_help()
+    rows = {flag: row for flag, row in readme_flag_rows().items()
+            if not flag.startswith("--no-")}
+    assert set(rows) == set(helps), "flags missing from README or from serve"
+    assert set(FACTS) <= set(helps)
+    for flag, (help_text, default) in helps.items():
+        envs, default_cell, meaning = rows[flag]
+        twin = cli._env_name(flag)
+        assert twin in envs, flag
+        assert f"[env {twin};" in help_text, flag
+        if flag == "--workers":
+            assert default_cell == "usable CPUs", "README's default for --workers"
+        else:
+            expected = readme_default(default_cell)
+            shown: object = default
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                expected = float(str(expected))
+                shown = float(default)
+            elif isinstance(default, Path):
+                shown = str(default)
+            assert shown == expected, f"README default of {flag}: {default_cell}"
+        for fact in FACTS.get(flag, ()):
+            assert fact in help_text, f"serve --help for {flag} does not say {fact!r}"
+            assert fact in meaning, f"README for {flag} does not say {fact!r}"

@@ -156,6 +156,36 @@ def test_shutdown_timeout_bounds_a_stalled_download(big_image: BigImage, start: 
     assert received < BIG  # cut short, never reported as complete
 
 
+# ------------------------------------------------------------------------------ limits
+
+
+@pytest.mark.parametrize("limit", ["1", "0"])
+def test_max_connections_answers_429_beyond_the_requests_in_flight(
+        big_image: BigImage, start: Start, limit: str) -> None:
+    """As README and serve --help say: requests in flight per worker; beyond it 429 with
+    Retry-After; 0 is no limit."""
+    registry = start(big_image.root, "--max-connections", limit)
+    connection, _ = start_download(registry, big_image.digest)  # one request in flight
+    try:
+        request = urllib.request.Request(registry.url + "/v2/big/manifests/1.0")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, headers, body = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            with error:
+                status, headers, body = error.code, error.headers, error.read()
+    finally:
+        connection.close()
+    if limit == "0":
+        assert status == 200
+        return
+    assert status == 429
+    assert headers["Retry-After"] == "1"
+    assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
+    # The limit counts requests, not a backlog: once the transfer is gone, requests pass.
+    poll(lambda: get(registry.url + "/v2/big/manifests/1.0")[0] == 200, "a request after it")
+
+
 # ------------------------------------------------------------------------------ workers
 
 

@@ -195,11 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(serve, "--dir", default=DEFAULTS.directory, type=directory_arg,
          help="the image directory")
     _add(serve, "--listen", default=DEFAULTS.listen, type=listen_arg,
-         help="address to listen on, HOST:PORT (port 0 picks a free port)")
+         help="address to listen on, HOST:PORT ([ADDRESS]:PORT for IPv6; port 0 picks a free "
+              "port)")
     _add(serve, "--workers", default=default_workers(), type=_non_negative(int),
-         help="worker processes accepting from the one listening socket")
+         help="worker processes accepting from the one listening socket (0 counts as 1); the "
+              "default is the CPUs this process may use (affinity, cgroup CPU quota)")
     _add(serve, "--rescan-interval", default=DEFAULTS.rescan_interval,
-         type=_non_negative(float), help="seconds between full rescans of known names")
+         type=_non_negative(float),
+         help="seconds between full rescans of known names (0: never)")
     _add(serve, "--freshness-window", default=None, type=_non_negative(float),
          help="retired and ignored: every request checks the directories it depends on by "
               "stat, so the filesystem's attribute cache (NFS actimeo) sets the freshness")
@@ -207,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="seconds a replaced or removed archive's manifests and blobs stay downloadable "
               "by digest, so pulls that straddle a publish finish (0: none)")
     _add(serve, "--tls-cert", default=None, type=readable_file_arg,
-         help="PEM certificate chain; with --tls-key serves HTTPS")
+         help="PEM certificate chain; with --tls-key serves HTTPS (both files are re-read "
+              "when they change)")
     _add(serve, "--tls-key", default=None, type=readable_file_arg, help="PEM private key")
     _add(serve, "--log-level", default=DEFAULTS.log_level,
          choices=["debug", "info", "warning", "error"], type=str.lower, help="log level")
@@ -218,9 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
          type=str.lower, help="log line format (json: one object per line, access log too)")
     _add_bool(serve, "--access-log", default=True, help="log every request")
     _add(serve, "--cache-dir", default=DEFAULTS.cache_dir, type=Path,
-         help="node-local directory for blobs decompressed from gzip/zstd archives")
+         help="node-local directory for blobs decompressed from gzip/zstd archives and "
+              "digests computed for old docker save archives")
     _add(serve, "--cache-max-bytes", default=DEFAULTS.cache_max_bytes,
-         type=_non_negative(int), help="size bound of --cache-dir (least recently used go first)")
+         type=_non_negative(int),
+         help="size bound of --cache-dir (least recently used go first; 0: no cache)")
     _add_bool(serve, "--prepare-ahead", default=True,
               help="index gzip/zstd archives into --cache-dir in the background, newest first "
                    "up to half of --cache-max-bytes, so their first pull finds them ready")
@@ -229,9 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
          help="compressed bytes per second that background preparation may read (0: no "
               "bound beyond its idle I/O priority, which NFS ignores)")
     _add(serve, "--htpasswd", default=None, type=readable_file_arg,
-         help="htpasswd file with bcrypt hashes: require HTTP basic auth (default: anonymous)")
+         help="htpasswd file with bcrypt hashes: require HTTP basic auth; re-read when it "
+              "changes (default: anonymous)")
     _add(serve, "--max-connections", default=DEFAULTS.max_connections,
-         type=_non_negative(int), help="concurrent connections per worker before new ones wait")
+         type=_non_negative(int),
+         help="requests in flight per worker; beyond it new requests get 429 with Retry-After "
+              "(0: no limit)")
     _add_bool(serve, "--allow-outside-symlinks", default=False,
               help="serve archives whose symlinks resolve outside the image directory")
     _add_inventory_commands(commands)
