@@ -543,10 +543,38 @@ def test_node_setup_warns_about_missing_config_path(shell: list[str], node_root:
     assert "config_path" not in _run(shell, node_root).stderr
 
 
-def test_node_setup_warns_about_a_hand_written_alias(shell: list[str], node_root: Path) -> None:
+def _addresses(hosts: str, name: str) -> list[str]:
+    """Every address /etc/hosts gives ``name``, in file order (glibc takes the first; musl,
+    Go's resolver and systemd-resolved return them all)."""
+    found = []
+    for line in hosts.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) >= 2 and name.lower() in (f.lower() for f in fields[1:]):
+            found.append(fields[0])
+    return found
+
+
+def test_node_setup_takes_over_a_hand_written_alias(shell: list[str], node_root: Path) -> None:
+    """A hand-written entry for the registry's name would win (or be tried first): the script
+    takes the name out of it, keeps the line's other names, and says what it changed."""
     hosts = node_root / "etc/hosts"
-    hosts.write_text(hosts.read_text() + "10.9.9.9 registry.local\n")
-    assert "another entry" in _run(shell, node_root).stderr
+    hosts.write_text(hosts.read_text() + "10.9.9.9 registry.local\n"
+                     "10.9.9.8\tmirror.internal REGISTRY.local other # the mirror\n"
+                     "127.0.0.1 localhost.localdomain registry.local\n")
+    result = _run(shell, node_root)
+    text = hosts.read_text()
+    assert _addresses(text, "registry.local") == ["127.0.0.1", "127.0.0.1"], text
+    assert _addresses(text, "mirror.internal") == ["10.9.9.8"]
+    assert _addresses(text, "other") == ["10.9.9.8"]
+    assert _addresses(text, "node-a") == ["10.0.0.5"]
+    # The old lines stay readable as comments, and the log names each one.
+    assert "# 10.9.9.9 registry.local" in text
+    assert "10.9.9.8\tmirror.internal REGISTRY.local other # the mirror" in text
+    assert result.stderr.count("took registry.local out of") == 2, result.stderr
+    before = _snapshot(node_root)
+    again = _run(shell, node_root)
+    assert _snapshot(node_root) == before, "a second run must change nothing"
+    assert "took" not in again.stderr
 
 
 @pytest.mark.parametrize("settings", [

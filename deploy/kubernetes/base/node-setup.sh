@@ -9,7 +9,8 @@
 #
 #   $NODE_ROOT/etc/hosts
 #       one "<REGISTRY_ALIAS_IP> <REGISTRY_HOST>" line, tagged with a marker
-#       comment; an older tagged line (other IP or host name) is replaced.
+#       comment; an older tagged line (other IP or host name) is replaced, and
+#       REGISTRY_HOST is taken out of hand-written lines giving it another IP.
 #   $NODE_ROOT/etc/containerd/certs.d/<host>:<port>/hosts.toml
 #       tells containerd (CRI) to talk plain HTTP (or HTTPS with our CA) to the
 #       registry. containerd reads this directory only if config_path points at
@@ -65,7 +66,7 @@
 #                      "true" sets config_path in containerd's config.toml (false);
 #                      needs that file mounted (NODE_ROOT=/ on the node itself)
 #
-# Only POSIX sh and coreutils are used, so it runs from the registry image
+# Only POSIX sh, coreutils, grep, sed and awk are used, so it runs from the registry image
 # itself (Debian slim) or from any busybox image.
 
 set -eu
@@ -179,6 +180,37 @@ copy_file() {
     log "wrote $2"
 }
 
+# hand_written_hosts FILE: FILE without our own line, and with REGISTRY_HOST taken
+# out of every hand-written entry that gives it another address. Such an entry
+# would otherwise win (glibc takes the first match) or be tried as well (musl,
+# Go and systemd-resolved return every match), while this script reported
+# success. The entry's other names stay; the original line is kept above it as
+# a comment, and each change is logged.
+hand_written_hosts() {
+    awk -v host="$REGISTRY_HOST" -v ip="$REGISTRY_ALIAS_IP" -v marker="$MARKER" '
+        index($0, marker) { next }
+        {
+            entry = $0
+            comment = ""
+            cut = index(entry, "#")
+            if (cut) { comment = substr(entry, cut); entry = substr(entry, 1, cut - 1) }
+            count = split(entry, field, /[ \t]+/)
+            first = (field[1] == "") ? 2 : 1
+            if (count - first < 1 || field[first] == ip) { print; next }
+            names = ""
+            taken = 0
+            for (i = first + 1; i <= count; i++) {
+                if (field[i] == "") continue
+                if (tolower(field[i]) == tolower(host)) { taken = 1; continue }
+                names = names " " field[i]
+            }
+            if (!taken) { print; next }
+            print "# " $0
+            if (names != "") print field[first] names (comment == "" ? "" : " " comment)
+            print "node-setup: took " host " out of the hand-written entry \"" $0 "\"" | "cat >&2"
+        }' "$1"
+}
+
 setup_etc_hosts() {
     hosts="$NODE_ROOT/etc/hosts"
     # A scratch NODE_ROOT (a dry run) may not have etc/ yet; a node always has.
@@ -186,20 +218,13 @@ setup_etc_hosts() {
     line="$REGISTRY_ALIAS_IP $REGISTRY_HOST # $MARKER"
     kept=
     if [ -f "$hosts" ]; then
-        # Every line but ours; grep exits 1 when nothing is left, which is fine.
-        kept=$(grep -v -F -e "$MARKER" "$hosts") || [ $? -eq 1 ] ||
-            die "cannot read $hosts"
+        kept=$(hand_written_hosts "$hosts") || die "cannot read $hosts"
     fi
     if [ -n "$kept" ]; then
         new="$kept
 $line"
     else
         new=$line
-    fi
-    # A hand-written entry for the same name would shadow or contradict ours.
-    if printf '%s\n' "$kept" | grep -v '^[[:space:]]*#' |
-        grep -q -E "[[:space:]]$(printf '%s' "$REGISTRY_HOST" | sed 's/\./\\./g')([[:space:]]|\$)"; then
-        log "warning: $hosts has another entry for $REGISTRY_HOST; the first one wins"
     fi
     if [ -f "$hosts" ] && [ "$(cat "$hosts")" = "$new" ]; then
         return 0
