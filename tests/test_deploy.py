@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 import tomllib
 from collections.abc import Iterator
@@ -387,6 +388,44 @@ def test_kustomize_builds(directory: Path) -> None:
     assert node_setup["envFrom"][0]["configMapRef"]["name"] in config_maps
     assert _volume(pod, "node-setup")["configMap"]["name"] in config_maps
     assert ":" in registry["image"]
+
+
+def _documented_tls_overlay() -> tuple[str, str]:
+    """docs/operations.md §5: where to write the overlay adding TLS to a variant, and its text."""
+    doc = (ROOT / "docs" / "operations.md").read_text()
+    section = doc[doc.index("## 5."):doc.index("## 6.")]
+    where = re.search(r"`deploy/kubernetes/(overlays/[\w-]+)/kustomization\.yaml`", section)
+    block = re.search(r"^( *)```yaml\n(.*?)^ *```", section, re.MULTILINE | re.DOTALL)
+    assert where and block, "§5 no longer shows the overlay that adds TLS to a variant"
+    return where[1], textwrap.dedent(block[2])
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+@pytest.mark.parametrize("variant", ["nfs-pv", "hostpath"])
+def test_tls_combines_with_a_variant_as_documented(tmp_path: Path, variant: str) -> None:
+    """The overlay §5 tells the operator to write, in a copy of deploy/kubernetes."""
+    where, text = _documented_tls_overlay()
+    if variant != "nfs-pv":
+        text = text.replace("../nfs-pv", f"../{variant}")  # the block's "# or ../hostpath"
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(K8S, tree)
+    (tree / where).mkdir()
+    (tree / where / "kustomization.yaml").write_text(text)
+    out = subprocess.run(["kubectl", "kustomize", str(tree / where)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert len([d for d in docs if d["kind"] == "Namespace"]) == 1
+    pod = _pod(_daemonset(docs))
+    registry = _container(pod, "registry")
+    assert _env(registry)["SOR_TLS_CERT"] == "/etc/simple-oci-registry/tls/tls.crt"
+    assert registry["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    images = _volume(pod, _mount_at(registry, _env(registry)["SOR_DIR"])["name"])
+    assert ("persistentVolumeClaim" if variant == "nfs-pv" else "hostPath") in images
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap"
+                 and d["metadata"]["name"].startswith("simple-oci-registry-config")]
+    assert config["data"]["REGISTRY_TLS"] == "true"
+    assert config["data"]["REGISTRY_HOST"] == "registry.local"  # merged, not replaced
 
 
 # --------------------------------------------------------------------------- node-setup.sh
