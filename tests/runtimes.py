@@ -22,8 +22,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Containerd", "ContainersConfig", "containers_config", "rerooted_config", "run",
-           "runc_problem"]
+__all__ = ["Containerd", "ContainersConfig", "containers_config", "private_run_problem",
+           "rerooted_config", "run", "runc_problem"]
 
 
 def run(*command: str, env: dict[str, str] | None = None, timeout: float = 120,
@@ -46,6 +46,17 @@ def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
             process.wait(timeout)
 
 
+def private_run_problem() -> str | None:
+    """Why this machine cannot give a process a private /run (a mount namespace), or None."""
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is missing"
+    probe = run("unshare", "--mount", "--propagation", "private", "true", check=False,
+                timeout=30)
+    if probe.returncode != 0:
+        return f"unshare --mount is not permitted here: {probe.stderr.strip()}"
+    return None
+
+
 class Containerd:
     """A containerd daemon of our own, without CRI, and ``ctr`` bound to its socket.
 
@@ -56,6 +67,13 @@ class Containerd:
     With ``node_root``, the daemon runs from that scratch node's own
     ``etc/containerd/config.toml`` instead (CRI included, as kubelet's containerd runs), its
     node paths re-rooted: see :func:`rerooted_config`.
+
+    containerd 1.6 puts every shim's socket in /run/containerd/s, a path no setting changes.
+    So the daemon (and the shims it starts) run in a mount namespace of their own where /run
+    is ``scratch/run``, and nothing lands in the machine's /run. Where that namespace cannot
+    be made (``private_run`` is then False), pulls still work but containers must not run.
+    Containers get their stdio FIFOs in ``fifo_dir`` (``ctr run --fifo-dir``), not in ctr's
+    default /run/containerd/fifo: ctr itself runs outside the namespace.
     """
 
     def __init__(self, scratch: Path, node_root: Path | None = None) -> None:
@@ -66,6 +84,9 @@ class Containerd:
         self.config = scratch / "containerd.toml"
         self.log_path = scratch / "containerd.log"
         self.runc_root = scratch / "runc"
+        self.fifo_dir = scratch / "fifo"
+        self.run_dir = scratch / "run"  # the daemon's /run
+        self.private_run = False
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> Containerd:
@@ -105,10 +126,16 @@ class Containerd:
         return self._launch(timeout)
 
     def _launch(self, timeout: float) -> Containerd:
+        command = ["containerd", "--config", str(self.config)]
+        self.private_run = private_run_problem() is None
+        if self.private_run:
+            self.run_dir.mkdir(exist_ok=True)
+            # sh execs containerd, so the process we signal is containerd itself.
+            command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       'mount --bind "$0" /run && exec "$@"', str(self.run_dir), *command]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                ["containerd", "--config", str(self.config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
         while True:

@@ -29,7 +29,14 @@ import pytest
 from simple_oci_registry.layoutwriter import LayoutWriter
 from tests.conftest import require
 from tests.images import StandardImages, build_standard_images, small_image
-from tests.runtimes import Containerd, ContainersConfig, containers_config, run, runc_problem
+from tests.runtimes import (
+    Containerd,
+    ContainersConfig,
+    containers_config,
+    private_run_problem,
+    run,
+    runc_problem,
+)
 from tests.server import RegistryProcess
 
 
@@ -56,6 +63,8 @@ UPSTREAM_BUSYBOX_FILE = "docker.io/library/busybox/1.36.oci"
 UPSTREAM_PAUSE = "registry.k8s.io/pause:3.9"
 UPSTREAM_PAUSE_FILE = "registry.k8s.io/pause:3.9.oci"
 UPSTREAM_MISSING = "docker.io/library/nginx:1.25"
+# Where a containerd left to its defaults puts shim sockets and ctr its FIFOs.
+SYSTEM_CONTAINERD_PATHS = (Path("/run/containerd/s"), Path("/run/containerd/fifo"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,11 +345,22 @@ def test_ctr_pulls_and_runs_demo_busybox(served: Served, containerd: Containerd,
     assert_ctr_image(containerd, ref, digest, layers)
 
     skip_run_unless_possible(runc_blocker, note)
+    if not containerd.private_run:
+        pytest.skip(f"pull checked; not running it: {private_run_problem()} (its shim "
+                    "sockets would go to this machine's /run/containerd/s)")
+    absent = [path for path in SYSTEM_CONTAINERD_PATHS if not path.exists()]
     container = f"sor-{uuid.uuid4().hex[:12]}"
     result = containerd.ctr("run", "--rm", "--runc-root", str(containerd.runc_root),
+                            "--fifo-dir", str(containerd.fifo_dir),
                             ref, container, "/bin/busybox", "echo", "hello from ctr",
                             timeout=60)
     assert result.stdout.strip() == "hello from ctr"
+    # Everything the run made is under the test's scratch directory: the shim's socket
+    # directory (the daemon's /run) and the stdio FIFOs' directory ...
+    assert (containerd.run_dir / "containerd" / "s").is_dir()
+    assert containerd.fifo_dir.is_dir()
+    # ... and none of the machine's containerd paths appeared meanwhile.
+    assert [path for path in absent if path.exists()] == []
 
 
 # ---------------------------------------------------------------------------------------------
