@@ -69,6 +69,7 @@ _TOOL_PACKAGES = {
     "shellcheck": "shellcheck",
     "skopeo": "skopeo",
     "umoci": "umoci",
+    "unshare": "util-linux",
     "wrk": "wrk",
 }
 # Commands no package of this distribution provides: tests needing them skip with the reason.
