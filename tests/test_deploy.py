@@ -437,9 +437,25 @@ def _shells() -> list[list[str]]:
     return shells
 
 
+@pytest.fixture(scope="session")
+def busybox_applets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory of busybox's applets (awk, grep, sed, ...), as a busybox image has them."""
+    applets = tmp_path_factory.mktemp("busybox-applets")
+    busybox = shutil.which("busybox")
+    assert busybox is not None
+    subprocess.run([busybox, "--install", "-s", str(applets)], check=True, timeout=60)
+    return applets
+
+
 @pytest.fixture(params=_shells(), ids=lambda s: Path(s[0]).name)
 def shell(request: pytest.FixtureRequest) -> list[str]:
     shell: list[str] = request.param
+    if Path(shell[0]).name == "busybox":
+        # The whole busybox userland, not only its shell: the script must also work with
+        # busybox's awk, grep and sed, which is all a busybox image offers.
+        applets = request.getfixturevalue("busybox_applets")
+        path = f"{applets}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+        return ["env", f"PATH={path}", *shell]
     return shell
 
 
