@@ -151,6 +151,10 @@ class Containerd:
 
     def ctr(self, *args: str, namespace: str = "default", check: bool = True,
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        if args[:1] == ("run",) and "--fifo-dir" not in args:
+            # ctr makes the container's stdio FIFOs, outside the daemon's private /run: in
+            # /run/containerd/fifo by default, where the shim would not find them.
+            args = ("run", "--fifo-dir", str(self.fifo_dir), *args[1:])
         return run("ctr", "--address", self.address, "--namespace", namespace, *args,
                    check=check, timeout=timeout)
 

@@ -350,10 +350,8 @@ def test_ctr_pulls_and_runs_demo_busybox(served: Served, containerd: Containerd,
                     "sockets would go to this machine's /run/containerd/s)")
     absent = [path for path in SYSTEM_CONTAINERD_PATHS if not path.exists()]
     container = f"sor-{uuid.uuid4().hex[:12]}"
-    result = containerd.ctr("run", "--rm", "--runc-root", str(containerd.runc_root),
-                            "--fifo-dir", str(containerd.fifo_dir),
-                            ref, container, "/bin/busybox", "echo", "hello from ctr",
-                            timeout=60)
+    result = containerd.ctr("run", "--rm", "--runc-root", str(containerd.runc_root), ref,
+                            container, "/bin/busybox", "echo", "hello from ctr", timeout=60)
     assert result.stdout.strip() == "hello from ctr"
     # Everything the run made is under the test's scratch directory: the shim's socket
     # directory (the daemon's /run) and the stdio FIFOs' directory ...
