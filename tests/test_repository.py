@@ -63,7 +63,9 @@ def test_readme_tells_how_to_serve_the_demo_on_another_port() -> None:
 _TOOL_PACKAGES = {
     "busybox": "busybox-static",
     "chromium": "chromium",
+    "containerd": "containerd",
     "htpasswd": "apache2-utils",
+    "promtool": "prometheus",
     "runc": "runc",
     "setpriv": "util-linux",
     "shellcheck": "shellcheck",
@@ -73,15 +75,15 @@ _TOOL_PACKAGES = {
     "wrk": "wrk",
 }
 # Commands no package of this distribution provides: tests needing them skip with the reason.
-_NOT_PACKAGED = {"kubectl"}
+_NOT_PACKAGED = {"kubectl", "kustomize"}
 _ESSENTIAL = {"util-linux"}  # always installed on Debian, never listed
 
 
 def _installed_packages() -> list[str]:
     script = (ROOT / "scripts/install-system-deps.sh").read_text()
-    match = re.search(r"^packages=\(([^)]*)\)", script, re.MULTILINE)
-    assert match, "install-system-deps.sh has no packages=(...) list"
-    return match[1].split()
+    lists = re.findall(r"^packages\+?=\(([^)]*)\)", script, re.MULTILINE)
+    assert lists, "install-system-deps.sh has no packages=(...) list"
+    return [name for names in lists for name in names.split()]
 
 
 def test_every_tool_a_test_skips_without_is_installed_for_ci() -> None:
