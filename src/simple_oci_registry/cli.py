@@ -330,6 +330,8 @@ def _supervise(config: Config, port: int) -> int:
             except BaseException:
                 log.exception("worker failed")
                 code = 1
+            # os._exit skips atexit: write out the buffered log lines (logs.LogOutput) first.
+            logging.shutdown()
             os._exit(code)
         children[pid] = slot
         started[pid] = time.monotonic()

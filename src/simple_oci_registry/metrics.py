@@ -3,7 +3,8 @@
 Request counts, durations and bytes are recorded once, in HTTP middleware, from the final
 status (so no handler path can forget or double-count). Store figures (archives indexed, index
 time, rescans, archive errors, cache entries) are copied from the store's counters by a small
-periodic sync. With several worker processes, prometheus-client's multiprocess mode keeps the
+periodic sync, and so is the count of log lines dropped (see :class:`logs.LogOutput`).
+With several worker processes, prometheus-client's multiprocess mode keeps the
 values in files under ``PROMETHEUS_MULTIPROC_DIR`` so that a scrape answered by any worker
 reports the whole node.
 """
@@ -26,6 +27,7 @@ from prometheus_client import (
 )
 
 from simple_oci_registry.blobcache import CacheStats
+from simple_oci_registry.logs import dropped_lines
 from simple_oci_registry.store import ImageStore, StoreStats
 
 __all__ = ["MULTIPROC_ENV", "Metrics"]
@@ -72,7 +74,12 @@ class Metrics:
                                   "Blob transfers served from the blob cache", registry=reg)
         self.cache_evictions = Counter("registry_blob_cache_evictions",
                                        "Blobs evicted from the blob cache", registry=reg)
+        self.log_lines_dropped = Counter(
+            "registry_log_lines_dropped",
+            "Log lines (access log included) dropped because stderr was not read fast enough",
+            registry=reg)
         self._synced = StoreStats()
+        self._synced_dropped = 0
         self._synced_cache = CacheStats()
         # (endpoint, method, status) -> label children. Bounded: endpoint comes from a fixed
         # set, method is folded onto one (see observe), status from HTTP.
@@ -110,6 +117,9 @@ class Metrics:
             (self.verified_bytes, now.verified_bytes, last.verified_bytes),
         ))
         self._synced = dataclasses.replace(now)
+        dropped = dropped_lines()
+        _add_deltas(((self.log_lines_dropped, dropped, self._synced_dropped),))
+        self._synced_dropped = dropped
         if store.cache is not None:
             blobs, seen = store.cache.stats, self._synced_cache
             _add_deltas((
