@@ -34,6 +34,7 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 
 from simple_oci_registry import __version__
+from simple_oci_registry.archive import GZIP
 from simple_oci_registry.config import DEFAULTS, Config
 from simple_oci_registry.inventory import (
     CheckProgress,
@@ -415,6 +416,7 @@ def _serve(config: Config) -> int:
     shown_host = f"[{host}]" if ":" in host else host
     print(f"simple-oci-registry {__version__} serving {config.directory} on "
           f"{scheme}://{shown_host}:{port}/ with {config.workers} worker(s)", flush=True)
+    log.info("gzip archives are decompressed with %s", GZIP.name)
     if config.workers == 1:
         sock.listen(1024)
         asyncio.run(_serve_socket(config, sock))
