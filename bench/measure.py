@@ -171,6 +171,8 @@ def request_rate(
     if case.method == "HEAD" and "content-length" not in check.headers:
         notes.append(f"{target.name}: HEAD {path} has no Content-Length")
     url = target.server.url + path
+    pids = process_tree(target.server.pid)
+    before = sample_tree(target.server.pid, pids)
     if case.tool == "ab":
         result = run_ab_head(url, seconds=seconds, connections=connections, headers=case.headers)
     else:
@@ -187,9 +189,15 @@ def request_rate(
             f"{target.name} {case.key}: {result.tool} saw {result.non_2xx} non-2xx responses "
             f"and {result.errors} errors in {result.requests} requests"
         )
+    spent = sample_tree(target.server.pid, pids).cpu_seconds - before.cpu_seconds
     if result.non_2xx + result.errors > result.requests // 100:
         return {}
-    return {case.key: [result.requests_per_second]}
+    # Server CPU per request: on a shared machine neighbours move the rate far more than
+    # this, so it shows a cost (the access log's) when the rates are too noisy to.
+    return {
+        case.key: [result.requests_per_second],
+        case.key.removesuffix("_rps") + "_cpu_us": [spent / max(result.requests, 1) * 1e6],
+    }
 
 
 def cold_first_manifest(

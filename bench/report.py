@@ -45,6 +45,8 @@ _SERVING: Final[tuple[Metric, ...]] = (
     # off, shows what the log costs.
     Metric("manifest_get_rps", "manifest GET by tag, default logging (wrk)", "req/s", 0),
     Metric("manifest_get_rps_nolog", "manifest GET by tag, logging off (wrk)", "req/s", 0),
+    Metric("manifest_get_cpu_us", "server CPU per manifest GET, default logging", "µs", 1),
+    Metric("manifest_get_cpu_us_nolog", "server CPU per manifest GET, logging off", "µs", 1),
     Metric("manifest_head_rps", "manifest HEAD by tag (ab -k)", "req/s", 0),
     Metric("tags_list_rps", "tags/list GET (wrk)", "req/s", 0),
 )

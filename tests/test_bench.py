@@ -38,7 +38,14 @@ BLOB_KEYS = (
     "pss_before_mb",
     "pss_after_mb",
 )
-RATE_KEYS = ("manifest_get_rps", "manifest_get_rps_nolog", "manifest_head_rps", "tags_list_rps")
+RATE_KEYS = (
+    "manifest_get_rps",
+    "manifest_get_rps_nolog",
+    "manifest_get_cpu_us",
+    "manifest_get_cpu_us_nolog",
+    "manifest_head_rps",
+    "tags_list_rps",
+)
 OURS_ONLY_KEYS = (
     "cold_manifest_ms_1",
     "cold_manifest_ms_3",

@@ -4,6 +4,7 @@ pipe drops and counts lines) yet loses nothing on a clean shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -450,11 +451,11 @@ def test_output_writes_warnings_at_once_and_the_rest_in_batches() -> None:
         while b"first" not in seen:
             assert time.monotonic() < deadline, "a warning waited for its batch"
             time.sleep(0.01)
-            with contextlib_suppress_blocking():
+            with contextlib.suppress(BlockingIOError):
                 seen += os.read(read_end, 1 << 16)
         output.write_line("quiet\n")
         time.sleep(0.3)
-        with contextlib_suppress_blocking():
+        with contextlib.suppress(BlockingIOError):
             assert b"quiet" not in os.read(read_end, 1 << 16)  # waits for its batch...
         output.flush()
         assert os.read(read_end, 1 << 16) == b"quiet\n"  # ...or a flush
@@ -463,12 +464,6 @@ def test_output_writes_warnings_at_once_and_the_rest_in_batches() -> None:
         output.close()
         stream.close()
         os.close(read_end)
-
-
-def contextlib_suppress_blocking() -> Any:
-    import contextlib
-
-    return contextlib.suppress(BlockingIOError)
 
 
 def _access_line(output: LogOutput | None, logger: logging.Logger, request: web.BaseRequest,
