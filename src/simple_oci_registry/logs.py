@@ -316,7 +316,9 @@ class AccessLogger(AbstractAccessLogger):
         # response as finished, so whoever cuts it short marks the request (CUT_SHORT): its
         # body size is then unknown (sendfile does not say how much the client got), and it
         # must not be logged as the Content-Length it promised.
-        complete = not request.get(CUT_SHORT, False)
+        # len() first: most requests carry no keys, and Mapping.get's miss (a KeyError
+        # raised and caught) costs more than the rest of this check.
+        complete = not (len(request) and request.get(CUT_SHORT, False))
         size = _body_bytes(request, response) if complete else None
         message = (f'{remote} "{request.method} {request.path_qs[:300]}" {response.status} '
                    f'{"-" if size is None else size} {time:.3f}s'
