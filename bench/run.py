@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as ``python bench/run.py``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
 
-from bench import measure, report  # noqa: E402
+from bench import dirscenarios, measure, report  # noqa: E402
 from bench.fixtures import (  # noqa: E402
     Image,
     build_cold_dir,
@@ -89,10 +89,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--strict", action="store_true", help="exit 1 when a measured target is not met"
     )
+    parser.add_argument(
+        "--scenario",
+        default=",".join(dirscenarios.SCENARIOS),
+        help="comma-separated subset of compare (the servers side by side), flatdir (a flat "
+        "directory of 10,000 archives), fuse (the directory on slow FUSE storage); default: all",
+    )
+    parser.add_argument(
+        "--fs-latency-ms",
+        type=float,
+        default=1.0,
+        help="latency added to every metadata operation in the fuse scenario (default 1 ms)",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.servers.split(",")) - set(report.SERVERS)
     if unknown:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
+    unknown = set(args.scenario.split(",")) - set(dirscenarios.SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     return args
 
 
@@ -374,14 +389,11 @@ _STARTERS: Final = (
 )
 
 
-def _execute(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
-    plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
-    wanted = args.servers.split(",")
-    run = _Run(plan, work, args.workers)
-    shutil.rmtree(work / "scratch", ignore_errors=True)  # logs and caches of an earlier run
+def _compare(run: _Run, wanted: list[str]) -> Image:
+    """The servers side by side, then ours alone on cold directories and gzip pulls."""
     started = time.time()
-    _log(f"mode {plan.mode}: building fixtures in {work}")
-    image = build_image(work, plan.layer_bytes)
+    _log(f"mode {run.plan.mode}: building fixtures in {run.work}")
+    image = build_image(run.work, run.plan.layer_bytes)
     _log(f"fixtures ready in {time.time() - started:.1f} s")
     with contextlib.ExitStack() as stack:
         servers: list[RunningServer] = []
@@ -405,9 +417,29 @@ def _execute(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]
     if "ours" in wanted and "ours" not in run.skipped and "ours" not in run.failed:
         _ours_phases(run, image)
         _inflate_phase(run)
+    return image
+
+
+def _execute(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]:
+    plan = PLANS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    wanted = args.servers.split(",")
+    run = _Run(plan, work, args.workers)
+    shutil.rmtree(work / "scratch", ignore_errors=True)  # logs and caches of an earlier run
+    started = time.time()
+    scenarios = args.scenario.split(",")
+    image = _compare(run, wanted) if "compare" in scenarios else None
+    _log(f"directory scenarios: {', '.join(s for s in scenarios if s != 'compare') or 'none'}")
+    shape = dirscenarios.WrkShape(
+        plan.wrk_seconds, plan.warmup_seconds, plan.wrk_reps, plan.wrk_threads, plan.wrk_connections
+    )
+    latency = args.fs_latency_ms / 1000
+    dirscenarios.run_scenarios(run, scenarios, plan.mode, shape, latency)
+    dir_plan = dirscenarios.DIR_PLANS[plan.mode]
     metrics = report.metrics_for(plan.dir_sizes, plan.concurrency)
+    metrics += dirscenarios.metrics(dir_plan, latency)
     ratio_table = report.ratios(run.results, metrics)
-    target_list = report.targets(run.results, plan.dir_sizes)
+    target_list = report.targets(run.results, plan.dir_sizes) if image is not None else []
+    target_list += dirscenarios.targets(run.results, dir_plan, latency, scenarios)
     skipped = dict(run.skipped)
     for server, messages in run.failed.items():
         skipped[server] = "failed: " + "\n  ".join(_brief(m) for m in messages)
@@ -420,7 +452,8 @@ def _execute(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], str]
         "plan": plan.as_json(),
         "workers": args.workers,
         "environment": _environment(),
-        "fixtures": asdict(image),
+        "fixtures": asdict(image) if image is not None else {},
+        "scenarios": scenarios,
         "units": {m.key: m.unit for m in metrics},
         "results": {
             server: {key: report.summarise(runs) for key, runs in figures.items()}

@@ -259,15 +259,17 @@ def start_ours(
     registry_dir: Path,
     scratch: Path,
     *,
-    workers: int,
+    workers: int | None,
     cache_dir: Path | None = None,
     label: str = "ours",
+    log_level: str | None = None,
     access_log: bool = True,
 ) -> RunningServer:
     """``python -m simple_oci_registry serve`` on port 0; the port comes from its first line.
 
-    Its defaults, as users run it: log level info with the access log on, stderr into a pipe
-    (see _spawn_piped); ``access_log=False`` adds ``--no-access-log``.
+    ``workers`` or ``log_level`` None leaves the flag out: the server's default, as users run
+    it (log level info, access log on). Its stderr goes into a pipe, as a container's does (see
+    _spawn_piped); ``access_log=False`` adds ``--no-access-log``.
     """
     argv = [
         sys.executable,
@@ -278,9 +280,11 @@ def start_ours(
         str(registry_dir),
         "--listen",
         f"{HOST}:0",
-        "--workers",
-        str(workers),
     ]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
+    if log_level is not None:
+        argv += ["--log-level", log_level]
     if not access_log:
         argv.append("--no-access-log")
     if cache_dir is not None:

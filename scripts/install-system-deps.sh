@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests, the demo and the benchmark drive: real registry
-# clients (skopeo, podman, buildah, containerd/ctr, umoci), a static busybox for runnable demo
+# clients (skopeo, podman, buildah, containerd/ctr, umoci), mmdebstrap for the image's offline base
+# (make image), a static busybox for runnable demo
 # images, the reference servers of the benchmark (nginx, CNCF distribution), wrk, and Chromium
-# for the catalog page test. Only missing packages are installed; services are not started.
+# for the catalog page test, and FUSE (fusermount3, libfuse3) for the slow-storage passthrough
+# of tests/test_latencyfs.py and the benchmark. Only missing packages are installed; services
+# are not started.
 set -euo pipefail
 
-packages=(skopeo umoci busybox-static podman buildah runc containerd uidmap
+packages=(skopeo umoci busybox-static podman buildah runc containerd uidmap mmdebstrap
           golang-github-containers-common nginx-light docker-registry wrk apache2-utils zstd
-          chromium ca-certificates curl)
+          chromium ca-certificates curl fuse3 libfuse3-3)
 
+# promtool, for the alert rules of deploy/kubernetes/components/monitoring (tests/test_monitoring.py).
+packages+=(prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from simple_oci_registry.layoutwriter import Descriptor, LayoutWriter
 
-__all__ = ["StandardImages", "build_standard_images", "small_image"]
+__all__ = ["MIRROR_FILES", "StandardImages", "build_mirror_images", "build_standard_images",
+           "small_image"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +104,28 @@ def build_standard_images(root: Path) -> StandardImages:
     record("bare:v1", image, layers)
     return images
 
+
+
+# Upstream names as mirror mode stores them: "name:tag" -> file, tagged inside or not.
+MIRROR_FILES = {
+    "docker.io/library/busybox:1.36": ("docker.io/library/busybox/1.36.oci", None),
+    "registry.k8s.io/pause:3.9": ("registry.k8s.io/pause:3.9.oci", "3.9"),
+    "registry.k8s.io/coredns/coredns:v1.11.1": (
+        "registry.k8s.io/coredns/coredns:v1.11.1.oci", None),
+    "quay.io/prometheus/node-exporter:v1.8.0": (
+        "quay.io/prometheus/node-exporter/v1.8.0.oci", "v1.8.0"),
+    "localhost_5000/team/app:1.0": ("localhost_5000/team/app/1.0.oci", None),
+}
+
+
+def build_mirror_images(root: Path) -> StandardImages:
+    """Write one small image per :data:`MIRROR_FILES` entry under ``root``."""
+    images = StandardImages(root)
+    for key, (path, tag) in MIRROR_FILES.items():
+        w = LayoutWriter()
+        image, layers = small_image(w, key.replace("/", "-").replace(":", "-"))
+        w.tag(image, tag)
+        w.write_archive(root / path)
+        images.manifests[key] = image.digest
+        images.layers[key] = [d.digest for d in layers]
+    return images

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Containerd", "ContainersConfig", "containers_config", "run", "runc_problem"]
+__all__ = ["Containerd", "ContainersConfig", "containers_config", "rerooted_config", "run",
+           "runc_problem"]
 
 
 def run(*command: str, env: dict[str, str] | None = None, timeout: float = 120,
@@ -49,10 +51,15 @@ class Containerd:
     Root and state live under ``scratch``; the sockets live in a short directory under the
     system temp dir, because a unix socket path must fit in 108 bytes and pytest's tmp paths
     can be long. ``stop`` removes leftover tasks, then stops the daemon (bounded, then killed).
+
+    With ``node_root``, the daemon runs from that scratch node's own
+    ``etc/containerd/config.toml`` instead (CRI included, as kubelet's containerd runs), its
+    node paths re-rooted: see :func:`rerooted_config`.
     """
 
-    def __init__(self, scratch: Path) -> None:
+    def __init__(self, scratch: Path, node_root: Path | None = None) -> None:
         self.scratch = scratch
+        self.node_root = node_root
         self.sockets = Path(tempfile.mkdtemp(prefix="ctd-"))
         self.address = str(self.sockets / "containerd.sock")
         self.config = scratch / "containerd.toml"
@@ -70,6 +77,13 @@ class Containerd:
     def _start(self, timeout: float) -> Containerd:
         self.scratch.mkdir(parents=True, exist_ok=True)
         root, state, opt = (self.scratch / name for name in ("root", "state", "opt"))
+        if self.node_root is not None:
+            node_config = self.node_root / "etc/containerd/config.toml"
+            self.config.write_text(rerooted_config(node_config.read_text(), {
+                "/var/lib/containerd": root, "/run/containerd": state,
+                "/run/containerd/containerd.sock": Path(self.address), "/opt/containerd": opt,
+                "/etc/containerd": self.node_root / "etc/containerd"}))
+            return self._launch(timeout)
         self.config.write_text(
             "version = 2\n"
             f'root = "{root}"\n'
@@ -87,6 +101,9 @@ class Containerd:
             '[plugins."io.containerd.internal.v1.opt"]\n'  # else it creates /opt/containerd
             f'  path = "{opt}"\n'
         )
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> Containerd:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 ["containerd", "--config", str(self.config)],
@@ -108,6 +125,31 @@ class Containerd:
             timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return run("ctr", "--address", self.address, "--namespace", namespace, *args,
                    check=check, timeout=timeout)
+
+    def cri_pull(self, image: str, timeout: float = 120) -> str:
+        """Pull ``image`` through the CRI image service, as kubelet does; return the image id.
+
+        The CRI plugin is the part of containerd that reads ``config_path`` (ctr does not), so
+        this is how a test sees the node's registry configuration take effect. The request is
+        CRI's ``runtime.v1.ImageService/PullImage`` (k8s.io/cri-api api.proto): a
+        PullImageRequest whose field 1 is an ImageSpec whose field 1 is the image string,
+        encoded by hand because only those two strings are needed; no crictl exists for this
+        machine's package sources. Raises ``grpc.RpcError`` with containerd's message.
+        """
+        import grpc  # a test dependency only this helper needs
+
+        def length_delimited(field: int, payload: bytes) -> bytes:
+            return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+        request = length_delimited(1, length_delimited(1, image.encode()))
+        with grpc.insecure_channel(f"unix://{self.address}") as channel:
+            pull = channel.unary_unary("/runtime.v1.ImageService/PullImage",
+                                       request_serializer=bytes,
+                                       response_deserializer=bytes)
+            response: bytes = pull(request, timeout=timeout)
+        # PullImageResponse: field 1, image_ref (length-delimited, a short string).
+        assert response[0] == 0x0A and response[1] < 0x80, response
+        return response[2:2 + response[1]].decode()
 
     def log(self) -> str:
         try:
@@ -141,6 +183,33 @@ class Containerd:
             _stop(self.process, timeout)
             self.process = None
         shutil.rmtree(self.sockets, ignore_errors=True)
+
+
+def _varint(value: int) -> bytes:
+    """A protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def rerooted_config(text: str, roots: dict[str, Path]) -> str:
+    """A node's containerd config.toml with its node paths moved under scratch directories.
+
+    Every quoted absolute path equal to a key of ``roots``, or under a key that ends a path
+    component, is rewritten; nothing else changes, so what node-setup.sh wrote (its
+    ``config_path`` included, re-rooted like every other node path) is what the daemon reads.
+    """
+    def moved(match: re.Match[str]) -> str:
+        quote, path = match.group(1), match.group(2)
+        for old in sorted(roots, key=len, reverse=True):
+            if path == old or path.startswith(old + "/"):
+                return f"{quote}{roots[old]}{path[len(old):]}{quote}"
+        return match.group(0)
+
+    return re.sub(r"""(["'])(/[^"']*)\1""", moved, text)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,12 +6,15 @@ whose binaries are missing must be skipped with a reason, not fail the run.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # ``bench`` is a top-level directory, not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import report  # noqa: E402
+from bench import dirscenarios, latencyfs, measure, report, run  # noqa: E402
 from bench.fixtures import build_real_archive  # noqa: E402
 from bench.load import parse_ab, parse_wrk  # noqa: E402
 from bench.measure import gzip_inflate  # noqa: E402
@@ -113,7 +116,8 @@ def test_json_has_the_expected_keys(tiny_run: tuple[str, str, dict[str, Any]]) -
     assert set(document["results"]) == set(report.SERVERS)
     assert set(document["ratios"]) == {"ours/nginx", "ours/distribution"}
     assert document["fixtures"]["manifest_digest"].startswith("sha256:")
-    assert len(document["targets"]) == 11
+    assert len(document["targets"]) == 11 + 4  # the servers compared, then issue 9's
+    assert document["scenarios"] == ["compare", "flatdir", "fuse"]
     for target in document["targets"]:
         assert set(target) == {"name", "goal", "value", "met"}
         assert target["met"] in (True, False, None)
@@ -140,6 +144,15 @@ def test_each_server_is_measured_or_skipped_with_a_reason(
     figures = document["results"][server]
     expected = BLOB_KEYS + (OURS_ONLY_KEYS if server == "ours" else ())
     expected += tuple(k for k in RATE_KEYS if shutil.which("wrk" if "head" not in k else "ab"))
+    if server == "ours" and shutil.which("wrk"):
+        expected += ("flat_one_name_rps", "flat_spread_rps", "flat_unknown_rps")
+    if server == "ours" and "ours, FUSE scenarios" not in document["skipped"]:
+        expected += tuple(
+            f"fs_{mode}_{step}_{unit}"
+            for mode in ("noac", "actimeo1")
+            for step, _ in dirscenarios.FS_STEPS
+            for unit in ("ms", "ops", "ops_getattr")
+        )
     for key in expected:
         assert set(figures[key]) == {"runs", "min", "median"}, key
         assert figures[key]["runs"], key
@@ -253,3 +266,151 @@ def test_real_archive_is_gzip_of_real_files(tmp_path: Path) -> None:
     assert all(rate > 0 for rates in figures.values() for rate in rates)
     if "gzip_inflate_isal_mbps" not in figures:
         assert notes and "isal" in notes[0]
+
+
+def test_fuse_scenarios_run_or_are_skipped_with_the_reason(
+    tiny_run: tuple[str, str, dict[str, Any]],
+) -> None:
+    stdout, _, document = tiny_run
+    reason = latencyfs.unavailable()
+    if reason is not None:
+        assert document["skipped"]["ours, FUSE scenarios"] == reason
+        assert reason in stdout
+    else:
+        assert "FUSE 1 ms noac, dir of 5: 1st manifest" in stdout
+        first = document["results"]["ours"]["fs_noac_first_ops"]["runs"]
+        assert first and min(first) > 0, "a fresh server must read the directory"
+
+
+def test_spread_names_are_evenly_spaced_and_distinct() -> None:
+    names = dirscenarios.spread_names(10_000, 1_000)
+    assert len(set(names)) == 1_000
+    assert names[:3] == ["n00000", "n00010", "n00020"] and names[-1] == "n09990"
+    assert dirscenarios.spread_names(3, 10) == ["n00000", "n00001", "n00002"]
+    assert dirscenarios.spread_names(7, 3) == ["n00000", "n00002", "n00004"]
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    """Answers 200 and remembers each request's path and Accept header."""
+
+    seen: list[tuple[str, str]]
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        self.seen.append((self.path, self.headers.get("Accept", "")))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def recording_server() -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    seen: list[tuple[str, str]] = []
+    handler = type("Handler", (_Recorder,), {"seen": seen, "protocol_version": "HTTP/1.1"})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _wrk_shape() -> dirscenarios.WrkShape:
+    return dirscenarios.WrkShape(seconds=1, warmup_seconds=0, reps=1, threads=2, connections=4)
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_wrk_rotates_over_every_path_with_the_manifest_accept_header(
+    recording_server: tuple[str, list[tuple[str, str]]], tmp_path: Path
+) -> None:
+    url, seen = recording_server
+    paths = [f"/v2/{name}/manifests/1.0" for name in dirscenarios.spread_names(100, 10)]
+    script = dirscenarios.rotation_script(paths)
+    result = dirscenarios.run_wrk_script(url, script, tmp_path, "rotation", 1, _wrk_shape())
+    assert result.requests > len(paths) and result.non_2xx == 0
+    assert {path for path, _ in seen} == set(paths)
+    assert {accept for _, accept in seen} == {measure.MANIFEST_ACCEPT}
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_wrk_asks_for_a_new_name_on_every_request(
+    recording_server: tuple[str, list[tuple[str, str]]], tmp_path: Path
+) -> None:
+    url, seen = recording_server
+    script = dirscenarios.missing_script("never-abc")
+    result = dirscenarios.run_wrk_script(url, script, tmp_path, "missing", 1, _wrk_shape())
+    paths = [path for path, _ in seen]
+    assert result.requests > 10
+    assert len(set(paths)) == len(paths), "a name was asked for twice"
+    assert all(p.startswith("/v2/never-abc-") and p.endswith("/manifests/1.0") for p in paths)
+
+
+def test_scripts_refuse_what_they_cannot_rotate() -> None:
+    with pytest.raises(ValueError):
+        dirscenarios.rotation_script([])
+    with pytest.raises(ValueError):
+        dirscenarios.missing_script("Never/Seen")
+
+
+def test_flat_dir_is_reused_and_a_replace_alternates_its_versions(tmp_path: Path) -> None:
+    flat = dirscenarios.build_flat_dir(tmp_path, 3)
+    assert sorted(p.name for p in flat.path.iterdir()) == [
+        "n00000:1.0.oci",
+        "n00001:1.0.oci",
+        "n00002:1.0.oci",
+    ]
+    assert len({p.stat().st_ino for p in flat.path.iterdir()}) == 3  # copies, not links
+    assert dirscenarios.build_flat_dir(tmp_path, 3) == flat
+    assert flat.digest != flat.alternate_digest
+    inode = flat.archive(1).stat().st_ino
+    assert dirscenarios.replace_archive(flat, 1) == flat.alternate_digest
+    assert flat.archive(1).read_bytes() == flat.alternate.read_bytes()
+    assert flat.archive(1).stat().st_ino != inode
+    assert dirscenarios.replace_archive(flat, 1) == flat.digest
+    assert flat.archive(1).read_bytes() == flat.original.read_bytes()
+    assert sorted(p.name for p in flat.path.iterdir())[1] == "n00001:1.0.oci"
+    assert len(list(flat.path.iterdir())) == 3, "the staged copy must not stay behind"
+
+
+def test_directory_targets_compare_medians() -> None:
+    dplan = dirscenarios.DIR_PLANS["full"]
+    results = {
+        "ours": {
+            "flat_one_name_rps": [10_000.0, 20_000.0, 30_000.0],
+            "flat_spread_rps": [100.0, 12_000.0, 200.0],
+            "flat_unknown_rps": [9_000.0, 11_000.0],
+            "fs_noac_warm_ms": [19.0, 3.0, 3.5],
+            "fs_noac_warm_ops": [2.0, 3.0, 4.0],
+            "fs_noac_unknown_ms": [5.0],
+            "fs_noac_unknown_ops": [6.0],
+        }
+    }
+    got = dirscenarios.targets(results, dplan, 0.001)
+    # 200 / 20,000 = 0.01x; 10,000 / 20,000 = 0.5x; 3.5 ms <= 4; 5 ms > 4.
+    assert [t.met for t in got] == [False, True, True, False]
+    assert [t.value for t in got] == ["0.010x", "0.500x", "3.50 ms, 3 fs ops", "5.00 ms, 6 fs ops"]
+    assert "10,000" in got[0].name and "1,000 names" in got[0].name
+    assert [t.met for t in dirscenarios.targets({}, dplan, 0.001)] == [None] * 4
+
+
+def test_directory_rows_join_the_table() -> None:
+    dplan = dirscenarios.DIR_PLANS["full"]
+    metrics = report.metrics_for((1,)) + dirscenarios.metrics(dplan, 0.001)
+    keys = [m.key for m in metrics]
+    assert len(keys) == len(set(keys))
+    results = {"ours": {"flat_spread_rps": [95.0, 105.0], "fs_actimeo1_changed_ops": [7.0]}}
+    text = report.render(results, metrics, report.ratios(results, metrics), [], {})
+    assert "manifest GET, 1,000 names, flat dir of 10,000" in text and "95 / 100" in text
+    assert "FUSE 1 ms actimeo=1, dir of 1,000: manifest after a replace by rename" not in text
+    ops_rows = [line.split() for line in text.splitlines() if "its fs operations" in line]
+    assert ops_rows == [["...", "its", "fs", "operations", "ops", "7", "/", "7", *["-"] * 4]]
+
+
+def test_unknown_scenarios_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run.main(["--scenario", "compare,bogus"])
+    assert "unknown scenarios: bogus" in capsys.readouterr().err

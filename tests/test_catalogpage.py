@@ -30,7 +30,7 @@ from simple_oci_registry.catalogpage import CatalogPage, pull_host, render_page
 from simple_oci_registry.config import Config
 from simple_oci_registry.inventory import ImageEntry, Listing, list_images
 from simple_oci_registry.layoutwriter import LayoutWriter
-from tests.images import StandardImages, small_image
+from tests.images import StandardImages, build_mirror_images, small_image
 from tests.server import RegistryProcess
 
 Client = TestClient[Any, Any]
@@ -86,6 +86,17 @@ async def test_page_lists_repositories_tags_and_pull_commands(
     assert "http://" not in page and "https://" not in page and "src=" not in page  # no assets
 
 
+async def test_page_shows_upstream_names(aiohttp_client: MakeClient, tmp_path: Path) -> None:
+    images = build_mirror_images(tmp_path / "images")
+    client = await aiohttp_client(in_process(Config(directory=images.root)))
+    page = await get_page(client)
+    assert "<h2>localhost:5000/team/app</h2>" in page
+    assert "<h2>docker.io/library/busybox</h2>" in page
+    assert "<h2>registry.k8s.io</h2>" not in page
+    # The pull command names the folder, which every client can pull from directly.
+    assert f"<code>podman pull {HOST}/localhost_5000/team/app:1.0</code>" in page
+
+
 async def test_page_headers_and_head(aiohttp_client: MakeClient,
                                      shared_images: StandardImages) -> None:
     client = await aiohttp_client(in_process(Config(directory=shared_images.root)))
@@ -130,7 +141,7 @@ async def test_refresh_storm_builds_once_per_window(
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls = counting_listings(monkeypatch)
     now = [1000.0]
-    page = CatalogPage(Config(directory=standard_images.root, freshness_window=0),
+    page = CatalogPage(Config(directory=standard_images.root),
                        clock=lambda: now[0])
     client = await aiohttp_client(RawTestServer(page.handle))
     pages = await asyncio.gather(*(get_page(client) for _ in range(50)))

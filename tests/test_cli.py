@@ -122,7 +122,7 @@ def test_every_flag_has_an_env_twin(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     config = config_of()
     assert config == Config(
         directory=tmp_path.resolve(), host="127.0.0.1", port=5001, workers=3,
-        rescan_interval=30.0, freshness_window=0.0, tls_cert=cert.resolve(),
+        rescan_interval=30.0, tls_cert=cert.resolve(),
         tls_key=key.resolve(), log_level="debug", log_format="json", access_log=False,
         shutdown_timeout=5.0, cache_dir=tmp_path / "cache", cache_max_bytes=1024,
         htpasswd=htpasswd.resolve(), max_connections=7, allow_outside_symlinks=True)
@@ -134,7 +134,8 @@ def test_help_names_every_env_twin(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())  # undo line wrapping
     for name in ("SOR_DIR", "SOR_LISTEN", "SOR_WORKERS", "SOR_RESCAN_INTERVAL",
-                 "SOR_FRESHNESS_WINDOW", "SOR_TLS_CERT", "SOR_TLS_KEY", "SOR_LOG_LEVEL",
+                 "SOR_FRESHNESS_WINDOW", "SOR_GRACE_PERIOD", "SOR_TLS_CERT", "SOR_TLS_KEY",
+                 "SOR_LOG_LEVEL",
                  "SOR_SHUTDOWN_TIMEOUT", "SOR_LOG_FORMAT", "SOR_ACCESS_LOG", "SOR_CACHE_DIR",
                  "SOR_CACHE_MAX_BYTES", "SOR_HTPASSWD", "SOR_MAX_CONNECTIONS",
                  "SOR_ALLOW_OUTSIDE_SYMLINKS"):
@@ -147,13 +148,18 @@ def test_flags_override_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("SOR_DIR", str(tmp_path))
     monkeypatch.setenv("SOR_WORKERS", "3")
     monkeypatch.setenv("SOR_ACCESS_LOG", "false")
-    monkeypatch.setenv("SOR_FRESHNESS_WINDOW", "9")
+    monkeypatch.setenv("SOR_GRACE_PERIOD", "9")
     config = config_of("--dir", str(other), "--workers", "2", "--access-log",
-                       "--freshness-window", "0.5")
+                       "--grace-period", "0.5")
     assert config.directory == other.resolve()
     assert config.workers == 2
     assert config.access_log is True
-    assert config.freshness_window == 0.5
+    assert config.grace_period == 0.5
+
+
+def test_retired_freshness_window_is_accepted_and_ignored(tmp_path: Path) -> None:
+    config = config_of("--dir", str(tmp_path), "--freshness-window", "5")
+    assert config == config_of("--dir", str(tmp_path))
 
 
 def test_env_dir_is_validated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

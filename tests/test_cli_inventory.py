@@ -17,7 +17,7 @@ from typing import Any
 
 from simple_oci_registry.inventory import list_images
 from simple_oci_registry.layoutwriter import LayoutWriter
-from tests.images import StandardImages, small_image
+from tests.images import StandardImages, build_mirror_images, small_image
 
 PROGRESS_LINE = re.compile(r"\[(\d+)/(\d+)\] (\S+) (ok|\d+ problems?)")
 
@@ -165,3 +165,66 @@ def test_help_lists_the_commands() -> None:
     done = run("--help")
     assert done.returncode == 0
     assert "ls" in done.stdout and "check" in done.stdout and "serve" in done.stdout
+
+
+# ------------------------------------------------------------------------- check --images
+
+# What "kubectl get pods -A -o jsonpath='{..image}'" prints (space-separated), then one per
+# line as a range template prints them, with a comment, a repeat (the same image written in
+# full, as a pod's status shows it) and malformed references.
+CLUSTER_IMAGES = """busybox:1.36 registry.k8s.io/pause:3.9 docker.io/library/busybox:1.36
+nginx:1.25
+# the monitoring stack
+quay.io/prometheus/node-exporter:v1.8.0
+localhost:5000/team/app:1.0
+index.docker.io/library/busybox@{busybox}
+registry.k8s.io/pause:3.9@{missing}
+Nginx:1.25
+busybox:1.36@sha256:short
+"""
+
+
+def test_check_images_reports_served_missing_and_malformed(tmp_path: Path) -> None:
+    images = build_mirror_images(tmp_path / "images")
+    busybox = images.manifests["docker.io/library/busybox:1.36"]
+    listing = tmp_path / "images.txt"
+    listing.write_text(CLUSTER_IMAGES.format(busybox=busybox, missing="sha256:" + "0" * 64))
+    done = run("check", "--dir", str(images.root), "--images", str(listing))
+    assert done.returncode == 1, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["STATUS", "IMAGE", "WRITTEN", "DETAIL"]
+    rows = [line.split(maxsplit=2) for line in lines[1:-1]]
+    assert [row[:2] for row in rows] == [
+        ["served", "docker.io/library/busybox:1.36"],
+        ["served", "registry.k8s.io/pause:3.9"],
+        ["missing", "docker.io/library/nginx:1.25"],
+        ["served", "quay.io/prometheus/node-exporter:v1.8.0"],
+        ["served", "localhost:5000/team/app:1.0"],
+        ["served", f"docker.io/library/busybox@{busybox}"],
+        ["missing", "registry.k8s.io/pause@sha256:" + "0" * 64],  # CRI pulls by digest alone
+        ["malformed", "Nginx:1.25"],
+        ["malformed", "busybox:1.36@sha256:short"],
+    ]
+    assert busybox[:19] in lines[1] and "busybox:1.36" in lines[1]
+    assert "looked under docker.io/library/nginx/" in lines[3]
+    assert lines[-1] == "9 image references: 5 served, 2 missing, 2 malformed"
+
+
+def test_check_images_json_and_stdin(tmp_path: Path) -> None:
+    images = build_mirror_images(tmp_path / "images")
+    done = subprocess.run(
+        [sys.executable, "-m", "simple_oci_registry", "check", "--dir", str(images.root),
+         "--images", "-", "--json"],
+        input="registry.k8s.io/pause:3.9\n", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document == {"ok": True, "images": [{
+        "written": "registry.k8s.io/pause:3.9", "status": "served",
+        "reference": "registry.k8s.io/pause:3.9", "repository": "registry.k8s.io/pause",
+        "digest": images.manifests["registry.k8s.io/pause:3.9"], "reason": None}]}
+
+
+def test_check_images_unreadable_file_is_one_line(tmp_path: Path) -> None:
+    done = run("check", "--dir", str(tmp_path), "--images", str(tmp_path / "nope.txt"))
+    assert done.returncode != 0
+    assert "cannot read" in done.stderr and "Traceback" not in done.stderr

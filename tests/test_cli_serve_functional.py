@@ -234,7 +234,7 @@ def test_environment_twins_configure_a_real_process(tmp_path: Path) -> None:
     writer.tag(old, "1.0")
     writer.write_archive(root / "app" / "1.0.oci")
     env = dict(os.environ, SOR_DIR=str(root), SOR_LISTEN="127.0.0.1:0",
-               SOR_FRESHNESS_WINDOW="0", SOR_WORKERS="1", SOR_LOG_FORMAT="json",
+               SOR_GRACE_PERIOD="0", SOR_WORKERS="1", SOR_LOG_FORMAT="json",
                PYTHONUNBUFFERED="1")
     with open(tmp_path / "registry.log", "w") as log, subprocess.Popen(
             [sys.executable, "-m", "simple_oci_registry"],  # no flags, no subcommand
@@ -251,8 +251,9 @@ def test_environment_twins_configure_a_real_process(tmp_path: Path) -> None:
             new, _ = small_image(writer, "new")
             writer.tag(new, "1.0")
             writer.write_archive(root / "app" / "1.0.oci")  # replaced by rename
-            # Freshness window 0 (from SOR_FRESHNESS_WINDOW): the very next request sees it.
+            # Grace period 0 (from SOR_GRACE_PERIOD): the replaced archive is gone at once.
             assert manifest_digest(url) == new.digest
+            assert get_or_none(f"{url}/v2/app/manifests/{old.digest}") == 404
         finally:
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=POLL_LIMIT) == 0

@@ -16,7 +16,7 @@ def test_defaults_come_from_one_place(tmp_path: Path) -> None:
     assert config.host == "0.0.0.0" and config.port == 5000
     assert DEFAULTS.listen == f"{config.host}:{config.port}"
     assert config.rescan_interval == DEFAULTS.rescan_interval == 600.0
-    assert config.freshness_window == DEFAULTS.freshness_window == 1.0
+    assert config.grace_period == DEFAULTS.grace_period == 300.0
     assert config.log_level == DEFAULTS.log_level == "info"
     assert config.log_format == DEFAULTS.log_format == "text"
     assert config.cache_max_bytes == DEFAULTS.cache_max_bytes == 10 << 30

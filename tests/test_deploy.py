@@ -9,6 +9,7 @@ kustomization is also built with ``kubectl kustomize``.
 
 from __future__ import annotations
 
+import difflib
 import http.server
 import json
 import os
@@ -47,6 +48,11 @@ def _yaml_files() -> list[Path]:
 
 def _kustomization_dirs() -> list[Path]:
     return sorted(p.parent for p in K8S.rglob("kustomization.yaml"))
+
+
+def _buildable_dirs() -> list[Path]:
+    """Kustomizations that build on their own (a Component only adds to another one)."""
+    return [d for d in _kustomization_dirs() if _kustomization(d)["kind"] == "Kustomization"]
 
 
 def _load(path: Path) -> list[Doc]:
@@ -356,10 +362,12 @@ def test_generated_config_holds_node_setup_settings() -> None:
     assert config["REGISTRY_HOST"] == "registry.local"
     assert config["REGISTRY_ALIAS_IP"] == "127.0.0.1"
     assert config["REGISTRY_TLS"] == "false"
+    assert config["MIRROR_REGISTRIES"] == ""  # mirror mode is opt-in
+    assert config["MIRROR_FALLBACK"] == "true"
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
-@pytest.mark.parametrize("directory", _kustomization_dirs(), ids=lambda p: str(p.relative_to(K8S)))
+@pytest.mark.parametrize("directory", _buildable_dirs(), ids=lambda p: str(p.relative_to(K8S)))
 def test_kustomize_builds(directory: Path) -> None:
     """The build resolves generators, patches and name references the way kubectl apply -k will."""
     out = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True,
@@ -551,6 +559,256 @@ def test_node_setup_rejects_bad_settings(shell: list[str], node_root: Path,
     assert _snapshot(node_root) == before
 
 
+# ------------------------------------------------------------- node-setup.sh: mirror mode
+
+MIRRORS_DROPIN = "etc/containers/registries.conf.d/50-simple-oci-registry-mirrors.conf"
+
+
+def _hosts_toml(node_root: Path, host: str) -> dict[str, Any]:
+    return tomllib.loads((node_root / "etc/containerd/certs.d" / host / "hosts.toml").read_text())
+
+
+def test_mirror_with_fallback(shell: list[str], node_root: Path) -> None:
+    """Online site: containerd asks the node-local registry first, then the upstream;
+    containers/image gets a mirror whose path is the upstream's host folder."""
+    settings = {"MIRROR_REGISTRIES": "docker.io  Registry.K8s.io\tquay.io index.docker.io "
+                                     "myreg.example:8443"}
+    _run(shell, node_root, **settings)
+    first = _snapshot(node_root)
+    _run(shell, node_root, **settings)
+    assert _snapshot(node_root) == first, "a second run must change nothing"
+
+    local = {"http://registry.local:5000": {"capabilities": ["pull", "resolve"]}}
+    assert _hosts_toml(node_root, "docker.io") == {
+        "server": "https://registry-1.docker.io", "host": local}
+    assert _hosts_toml(node_root, "registry.k8s.io") == {
+        "server": "https://registry.k8s.io", "host": local}
+    assert _hosts_toml(node_root, "myreg.example:8443")["server"] == "https://myreg.example:8443"
+    certs_d = sorted(p.name for p in (node_root / "etc/containerd/certs.d").iterdir())
+    assert certs_d == ["docker.io", "myreg.example:8443", "quay.io", "registry.k8s.io",
+                       "registry.local:5000"]  # index.docker.io is docker.io
+
+    registries = tomllib.loads((node_root / MIRRORS_DROPIN).read_text())["registry"]
+    assert [(r["prefix"], r["location"], r["mirror"]) for r in registries] == [
+        (host, host, [{"location": f"registry.local:5000/{folder}", "insecure": True}])
+        for host, folder in [("docker.io", "docker.io"), ("registry.k8s.io", "registry.k8s.io"),
+                             ("quay.io", "quay.io"),
+                             ("myreg.example:8443", "myreg.example_8443")]]
+
+
+def test_mirror_air_gapped(shell: list[str], node_root: Path) -> None:
+    """MIRROR_FALLBACK=false: nothing names the upstream as a place to connect to."""
+    _run(shell, node_root, MIRROR_REGISTRIES="docker.io registry.k8s.io", MIRROR_FALLBACK="false")
+    assert _hosts_toml(node_root, "docker.io") == {
+        "server": "http://registry.local:5000",
+        "host": {"http://registry.local:5000": {"capabilities": ["pull", "resolve"]}}}
+    registries = tomllib.loads((node_root / MIRRORS_DROPIN).read_text())["registry"]
+    assert registries == [
+        {"prefix": "docker.io", "location": "registry.local:5000/docker.io", "insecure": True},
+        {"prefix": "registry.k8s.io", "location": "registry.local:5000/registry.k8s.io",
+         "insecure": True}]
+
+
+def test_mirror_with_tls(shell: list[str], node_root: Path, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    tls = {"REGISTRY_TLS": "true", "REGISTRY_CA_FILE": str(ca), "MIRROR_REGISTRIES": "quay.io"}
+    _run(shell, node_root, **tls)
+    ca_path = "/etc/containerd/certs.d/registry.local:5000/simple-oci-registry-ca.crt"
+    assert _hosts_toml(node_root, "quay.io")["host"] == {"https://registry.local:5000": {
+        "capabilities": ["pull", "resolve"], "ca": ca_path}}
+    _run(shell, node_root, **tls, MIRROR_FALLBACK="false")
+    assert _hosts_toml(node_root, "quay.io") == {
+        "server": "https://registry.local:5000", "host": {"https://registry.local:5000": {
+            "capabilities": ["pull", "resolve"], "ca": ca_path}}}
+    (registry,) = tomllib.loads((node_root / MIRRORS_DROPIN).read_text())["registry"]
+    assert registry["insecure"] is False
+
+
+def test_mirror_configuration_follows_the_setting(shell: list[str], node_root: Path) -> None:
+    """Upstreams dropped from MIRROR_REGISTRIES lose their files; hand-written ones stay."""
+    theirs = node_root / "etc/containerd/certs.d/ghcr.io/hosts.toml"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text('server = "https://ghcr.io"\n')
+    _run(shell, node_root, MIRROR_REGISTRIES="docker.io quay.io")
+    _run(shell, node_root, MIRROR_REGISTRIES="quay.io")
+    certs_d = node_root / "etc/containerd/certs.d"
+    assert sorted(p.name for p in certs_d.iterdir()) == ["ghcr.io", "quay.io",
+                                                          "registry.local:5000"]
+    assert "docker.io" not in (node_root / MIRRORS_DROPIN).read_text()
+    _run(shell, node_root)
+    assert sorted(p.name for p in certs_d.iterdir()) == ["ghcr.io", "registry.local:5000"]
+    assert not (node_root / MIRRORS_DROPIN).exists()
+    assert theirs.read_text() == 'server = "https://ghcr.io"\n'
+
+
+def test_mirror_refuses_to_replace_a_hand_written_hosts_toml(shell: list[str],
+                                                            node_root: Path) -> None:
+    theirs = node_root / "etc/containerd/certs.d/docker.io/hosts.toml"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text('server = "https://mirror.example"\n')
+    result = _run(shell, node_root, check=False, MIRROR_REGISTRIES="quay.io docker.io")
+    assert result.returncode != 0 and "not written by node-setup" in result.stderr
+    assert theirs.read_text() == 'server = "https://mirror.example"\n'
+    assert not (node_root / "etc/containerd/certs.d/quay.io").exists()
+
+
+@pytest.mark.parametrize("entry", [
+    "docker.io/library", "../etc", "host:", "host:0", "host:123456", ":5000", "-a.io",
+    'a"b.io', "a.io:1:2", "host:port", "registry.local:5000",
+])
+def test_mirror_rejects_bad_entries(shell: list[str], node_root: Path, entry: str) -> None:
+    before = _snapshot(node_root)
+    result = _run(shell, node_root, check=False, MIRROR_REGISTRIES=f"docker.io {entry}")
+    assert result.returncode != 0 and "MIRROR_REGISTRIES" in result.stderr
+    assert _snapshot(node_root) == before
+
+
+def test_mirror_fallback_must_be_a_boolean(shell: list[str], node_root: Path) -> None:
+    result = _run(shell, node_root, check=False, MIRROR_REGISTRIES="quay.io",
+                  MIRROR_FALLBACK="perhaps")
+    assert result.returncode != 0 and "perhaps" in result.stderr
+
+
+# ------------------------------------------------- node-setup.sh: containerd's config_path
+
+# containerd 2.x's "containerd config default", abridged: version 3, single quotes, the CRI
+# image plugin's empty config_path and the transfer plugin's own config_path (not ours).
+CONTAINERD_2_CONFIG = """version = 3
+root = '/var/lib/containerd'
+state = '/run/containerd'
+
+[grpc]
+  address = '/run/containerd/containerd.sock'
+
+[plugins]
+  [plugins.'io.containerd.cri.v1.images']
+    snapshotter = 'overlayfs'
+    max_concurrent_downloads = 3
+
+    [plugins.'io.containerd.cri.v1.images'.pinned_images]
+      sandbox = 'registry.k8s.io/pause:3.10'
+
+    [plugins.'io.containerd.cri.v1.images'.registry]
+      config_path = ''
+
+    [plugins.'io.containerd.cri.v1.images'.image_decryption]
+      key_model = 'node'
+
+  [plugins.'io.containerd.transfer.v1.local']
+    max_concurrent_downloads = 3
+    config_path = '/etc/docker/certs.d'
+"""
+CERTS_D = "/etc/containerd/certs.d"
+
+
+def _containerd_1_config() -> str:
+    """containerd 1.6's own "config default" (Debian's containerd package)."""
+    if shutil.which("containerd") is None:
+        pytest.skip("containerd is not installed")
+    return subprocess.run(["containerd", "config", "default"], capture_output=True, text=True,
+                          check=True, timeout=30).stdout
+
+
+def _config_path_run(shell: list[str], node_root: Path, text: str,
+                     check: bool = True) -> subprocess.CompletedProcess[str]:
+    config = node_root / "etc/containerd/config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    if text:
+        config.write_text(text)
+    return _run(shell, node_root, check=check, SETUP_ETC_HOSTS="false",
+                SETUP_CONTAINERS="false", SETUP_CONTAINERD_CONFIG_PATH="true")
+
+
+def _changed_lines(before: str, after: str) -> list[tuple[str, str]]:
+    diff = [line for line in difflib.ndiff(before.splitlines(), after.splitlines())
+            if line[:2] in ("- ", "+ ")]
+    return [(line[0], line[2:]) for line in diff]
+
+
+@pytest.mark.parametrize("version", ["1.x", "2.x"])
+def test_config_path_is_set_in_both_layouts(shell: list[str], node_root: Path,
+                                           version: str) -> None:
+    original = _containerd_1_config() if version == "1.x" else CONTAINERD_2_CONFIG
+    result = _config_path_run(shell, node_root, original)
+    assert "restart" in result.stderr and "containerd" in result.stderr
+    config = node_root / "etc/containerd/config.toml"
+    patched = config.read_text()
+    parsed = tomllib.loads(patched)
+    if version == "1.x":
+        registry = parsed["plugins"]["io.containerd.grpc.v1.cri"]["registry"]
+        assert _changed_lines(original, patched) == [
+            ("-", '      config_path = ""'), ("+", f'      config_path = "{CERTS_D}"')]
+    else:
+        registry = parsed["plugins"]["io.containerd.cri.v1.images"]["registry"]
+        assert _changed_lines(original, patched) == [
+            ("-", "      config_path = ''"), ("+", f'      config_path = "{CERTS_D}"')]
+        # Another plugin's config_path is not ours to change.
+        assert parsed["plugins"]["io.containerd.transfer.v1.local"]["config_path"] == \
+            "/etc/docker/certs.d"
+    assert registry["config_path"] == CERTS_D
+    backup = node_root / "etc/containerd/config.toml.before-simple-oci-registry"
+    assert backup.read_text() == original
+
+    # Idempotent: a second run changes nothing and asks for no restart.
+    before = _snapshot(node_root)
+    again = _config_path_run(shell, node_root, "")
+    assert "restart" not in again.stderr
+    assert _snapshot(node_root) == before
+
+
+@pytest.mark.parametrize("original, table", [
+    # no registry table at all: appended
+    ("version = 2\n[plugins]\n  [plugins.\"io.containerd.grpc.v1.cri\"]\n"
+     "    sandbox_image = \"registry.k8s.io/pause:3.9\"\n",
+     ("io.containerd.grpc.v1.cri", "registry")),
+    # the table without the key: the key goes right under its header
+    ("version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n"
+     "[plugins.'io.containerd.cri.v1.images'.registry.headers]\n  X = ['y']\n",
+     ("io.containerd.cri.v1.images", "registry")),
+    # the table last in the file, with a comment and an unrelated key
+    ("# node config\nversion = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n"
+     "  # mirrors live in certs.d\n",
+     ("io.containerd.grpc.v1.cri", "registry")),
+])
+def test_config_path_is_added_where_missing(shell: list[str], node_root: Path, original: str,
+                                            table: tuple[str, str]) -> None:
+    _config_path_run(shell, node_root, original)
+    patched = (node_root / "etc/containerd/config.toml").read_text()
+    parsed = tomllib.loads(patched)
+    assert parsed["plugins"][table[0]][table[1]]["config_path"] == CERTS_D
+    assert [kind for kind, _ in _changed_lines(original, patched)] in (["+"], ["+", "+", "+"])
+    assert "headers" not in original or parsed["plugins"][table[0]]["registry"]["headers"] == {
+        "X": ["y"]}
+
+
+@pytest.mark.parametrize("original, message", [
+    ("", "not found"),
+    ("[grpc]\n  address = '/run/containerd/containerd.sock'\n", "version = 2"),
+    ("version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n"
+     "  config_path = \"/etc/elsewhere\"\n", "another directory"),
+    ("version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n"
+     "  endpoint = [\"https://mirror.example\"]\n", "mirrors"),
+])
+def test_config_path_refuses_what_it_must_not_decide(shell: list[str], node_root: Path,
+                                                      original: str, message: str) -> None:
+    config = node_root / "etc/containerd/config.toml"
+    if not original:
+        config.parent.mkdir(parents=True, exist_ok=True)
+    result = _config_path_run(shell, node_root, original, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+    assert (config.read_text() if original else not config.exists()) in (original, True)
+    assert not (node_root / "etc/containerd/config.toml.before-simple-oci-registry").exists()
+
+
+def test_config_path_already_listed_is_left_alone(shell: list[str], node_root: Path) -> None:
+    original = ("version = 3\n[plugins.'io.containerd.cri.v1.images'.registry]\n"
+                "  config_path = '/etc/containerd/certs.d:/etc/docker/certs.d'\n")
+    result = _config_path_run(shell, node_root, original)
+    assert "restart" not in result.stderr
+    assert (node_root / "etc/containerd/config.toml").read_text() == original
+
+
 def test_node_setup_requires_node_root(shell: list[str], tmp_path: Path) -> None:
     """Without NODE_ROOT it stops before touching anything (it would edit this machine)."""
     result = subprocess.run([*shell, str(SCRIPT)], env={"PATH": os.environ.get("PATH", "")},
@@ -612,14 +870,16 @@ def _healthcheck_command() -> list[str]:
     return command
 
 
-def test_containerfile_is_multi_stage_on_one_python() -> None:
+def test_containerfile_is_multi_stage_on_one_base() -> None:
     stages = _stages(CONTAINERFILE)
     assert len(stages) >= 2
     bases = [args.split()[0] for stage in stages for k, args in stage if k == "FROM"]
-    assert len(set(bases)) == 1, "the venv needs the same interpreter in every stage"
-    assert re.fullmatch(r"python:(3\.1[1-9]|\$\{PYTHON_VERSION\})-slim", bases[0])
+    assert set(bases) == {"${BASE_IMAGE}"}, "the venv needs the same interpreter in every stage"
     runtime = stages[-1]
     assert any(k == "COPY" and args.startswith("--from=") for k, args in runtime)
+    builder = " ".join(args for _, args in stages[0])
+    # Wheels only, from the build context: nothing in the build may reach an index.
+    assert "--no-index" in builder and "--constraint /constraints.txt" in builder
 
 
 def test_containerfile_runtime_stage() -> None:
@@ -645,13 +905,6 @@ def test_containerfile_matches_the_daemonset(registry: Doc) -> None:
         assert image_env[key] == pod_env[key], key
     users = [args for k, args in _stages(CONTAINERFILE)[-1] if k == "USER"]
     assert int(users[-1].split(":")[0]) == registry["securityContext"]["runAsUser"]
-
-
-def test_ignore_files_agree_and_keep_the_sources() -> None:
-    docker = (ROOT / ".dockerignore").read_text()
-    assert (ROOT / ".containerignore").read_text() == docker
-    for needed in ("!pyproject.toml", "!src/"):
-        assert needed in docker.splitlines()
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

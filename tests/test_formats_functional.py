@@ -530,7 +530,9 @@ def traced_reads(registry: RegistryProcess, paths: list[str], scratch: Path) -> 
     assert registry.process is not None
     output, errors = scratch / "strace.out", scratch / "strace.err"
     with open(errors, "w") as stderr:
-        tracer = subprocess.Popen([strace, "-f", "-qq", "-e", "trace=openat,sendfile", "-o",
+        # -y: strace prints the file behind each descriptor; archives are read through a pinned
+        # descriptor reopened by /proc/self/fd/N (pins.py), so the openat path alone is not it.
+        tracer = subprocess.Popen([strace, "-f", "-qq", "-y", "-e", "trace=sendfile", "-o",
                                    str(output), "-p", str(registry.process.pid)],
                                   stdout=subprocess.DEVNULL, stderr=stderr)
     try:
@@ -549,13 +551,10 @@ def traced_reads(registry: RegistryProcess, paths: list[str], scratch: Path) -> 
     finally:
         tracer.terminate()
         tracer.wait(30)
-    opened: dict[str, str] = {}
     sources: list[str] = []
     for line in output.read_text().splitlines():
-        if (match := re.search(r'openat\(AT_FDCWD, "([^"]+)".*\) = (\d+)$', line)):
-            opened[match.group(2)] = match.group(1)
-        elif (match := re.search(r"sendfile\(\d+, (\d+),", line)):
-            sources.append(opened.get(match.group(1), "?"))
+        if (match := re.search(r"sendfile\(\d+<[^>]*>, \d+<([^>]+)>,", line)):
+            sources.append(match.group(1))
     return sources
 
 

@@ -44,7 +44,7 @@ def sha256(data: bytes) -> str:
 
 
 async def client_for(aiohttp_client: MakeClient, directory: Path) -> Client:
-    registry = make_app(Config(directory=directory, freshness_window=0))
+    registry = make_app(Config(directory=directory))
     return await aiohttp_client(RawTestServer(registry.handle))
 
 
@@ -580,21 +580,139 @@ async def test_no_path_gives_a_server_error(client: Client, name: str, endpoint:
         assert errors and isinstance(errors[0]["code"], str), target
 
 
-async def test_routing_ignores_query_strings(client: Client,
-                                             shared_images: StandardImages) -> None:
+async def test_routing_ignores_other_query_parameters(client: Client,
+                                                     shared_images: StandardImages) -> None:
     digest = shared_images.manifests["app:1.0"]
-    response = await client.get("/v2/app/manifests/1.0?ns=docker.io")
-    assert response.status == 200 and response.headers["Docker-Content-Digest"] == digest
-    layer = shared_images.layers["app:1.0"][0]
-    response = await client.get(f"/v2/app/blobs/{layer}?ns=docker.io")
-    assert response.status == 200 and sha256(await response.read()) == layer
-    response = await client.get("/v2/app/tags/list?ns=docker.io")
-    assert json.loads(await response.read())["tags"] == ["1.0", "2.0"]
-    response = await client.get("/v2/?ns=docker.io")
-    assert response.status == 200
-    status, headers, _ = await raw_request(client, "HEAD",
-                                           "/v2/app/manifests/1.0?ns=docker.io&x=/../y")
+    status, headers, _ = await raw_request(client, "HEAD", "/v2/app/manifests/1.0?x=/../y")
     assert status == 200 and headers["docker-content-digest"] == digest
+    response = await client.get("/v2/?ns=docker.io")  # ns means nothing outside a repository
+    assert response.status == 200
+    response = await client.get("/v2/_catalog?ns=x/../y")
+    assert response.status == 200
+
+
+# ------------------------------------------------------------------------------ mirror mode
+
+
+@pytest.fixture(scope="module")
+def mirror_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Upstream names under host folders, plus flat names that must not answer for them."""
+    root = tmp_path_factory.mktemp("mirror")
+    found: dict[str, Any] = {"root": root}
+
+    def write(path: str, text: str, tag: str | None, *, signed: bool = False) -> None:
+        writer = LayoutWriter()
+        image, layers = small_image(writer, text)
+        writer.tag(image, tag)  # untagged: the tag comes from the file name
+        if signed:
+            signature = writer.add_image([], subject=image, artifact_type=SIGNATURE_TYPE)
+            writer.tag(signature, None)
+            found[f"{text}-signature"] = signature.digest
+        writer.write_archive(root / path)
+        found[text] = image.digest
+        found[f"{text}-layer"] = layers[0].digest
+
+    write("docker.io/library/busybox/1.36.oci", "busybox", "1.36", signed=True)
+    write("registry.k8s.io/pause:3.9.oci", "pause", "3.9")
+    write("quay.io/prometheus/node-exporter.oci", "exporter", "v1.8.0")
+    write("localhost_5000/team/app/1.0.oci", "ported", None)
+    # Flat names: what an existing (non-mirror) directory holds.
+    write("library/busybox/1.36.oci", "flat-busybox", None)
+    write("prometheus/node-exporter/v1.8.0.oci", "flat-exporter", None)
+    return found
+
+
+@pytest.fixture
+async def mirror(aiohttp_client: MakeClient, mirror_dir: dict[str, Any]) -> Client:
+    return await client_for(aiohttp_client, mirror_dir["root"])
+
+
+@pytest.mark.parametrize("path, query", [
+    ("library/busybox", "?ns=docker.io"),  # containerd
+    ("busybox", "?ns=docker.io"),  # library/ added for Docker Hub's one-part names
+    ("library/busybox", "?ns=index.docker.io"),  # Docker Hub's aliases
+    ("library/busybox", "?ns=registry-1.docker.io"),
+    ("library/busybox", "?ns=DOCKER.IO"),  # hosts are case-insensitive
+    ("docker.io/library/busybox", ""),  # CRI-O, podman, skopeo: the host in the path
+    ("docker.io/busybox", ""),
+    ("index.docker.io/library/busybox", ""),
+    ("docker.io/library/busybox", "?ns=docker.io"),  # containerd with override_path
+])
+async def test_both_mirror_forms_reach_the_host_folder(mirror: Client, mirror_dir: dict[str, Any],
+                                                      path: str, query: str) -> None:
+    digest, layer = mirror_dir["busybox"], mirror_dir["busybox-layer"]
+    for method in ("HEAD", "GET"):
+        response = await mirror.request(method, f"/v2/{path}/manifests/1.36{query}")
+        assert response.status == 200, await response.text()
+        assert response.headers["Docker-Content-Digest"] == digest
+    response = await mirror.get(f"/v2/{path}/manifests/{digest}{query}")
+    assert response.status == 200
+    response = await mirror.get(f"/v2/{path}/blobs/{layer}{query}")
+    assert response.status == 200 and sha256(await response.read()) == layer
+    response = await mirror.get(f"/v2/{path}/tags/list{query}")
+    assert json.loads(await response.read()) == {"name": "docker.io/library/busybox",
+                                                  "tags": ["1.36"]}
+    response = await mirror.get(f"/v2/{path}/referrers/{digest}{query}")
+    listed = json.loads(await response.read())["manifests"]
+    assert [d["digest"] for d in listed] == [mirror_dir["busybox-signature"]]
+
+
+@pytest.mark.parametrize("path, ns, key, tag", [
+    ("pause", "registry.k8s.io", "pause", "3.9"),
+    ("prometheus/node-exporter", "quay.io", "exporter", "v1.8.0"),
+    ("team/app", "localhost:5000", "ported", "1.0"),
+])
+async def test_other_registries_and_ports(mirror: Client, mirror_dir: dict[str, Any],
+                                          path: str, ns: str, key: str, tag: str) -> None:
+    response = await mirror.get(f"/v2/{path}/manifests/{tag}?ns={ns}")
+    assert response.status == 200, await response.text()
+    assert response.headers["Docker-Content-Digest"] == mirror_dir[key]
+    folder = ns.replace(":", "_")
+    response = await mirror.get(f"/v2/{folder}/{path}/manifests/{tag}")
+    assert response.headers["Docker-Content-Digest"] == mirror_dir[key]
+
+
+async def test_ns_never_falls_back_to_the_flat_name(mirror: Client,
+                                                   mirror_dir: dict[str, Any]) -> None:
+    """The documented rule: with ns the host folder alone answers. quay.io's and Docker Hub's
+    prometheus/node-exporter are different images; the flat one must not stand in."""
+    response = await mirror.get("/v2/prometheus/node-exporter/manifests/v1.8.0?ns=docker.io")
+    await assert_error(response, 404, "NAME_UNKNOWN", "MANIFEST_UNKNOWN")
+    response = await mirror.get(f"/v2/prometheus/node-exporter/blobs/"
+                                f"{mirror_dir['flat-exporter-layer']}?ns=docker.io")
+    await assert_error(response, 404, "NAME_UNKNOWN", "BLOB_UNKNOWN")
+    # The host folder's own image, not the flat one, answers for quay.io.
+    response = await mirror.get("/v2/prometheus/node-exporter/manifests/v1.8.0?ns=quay.io")
+    assert response.headers["Docker-Content-Digest"] == mirror_dir["exporter"]
+
+
+async def test_requests_without_ns_use_the_path_as_before(mirror: Client,
+                                                         mirror_dir: dict[str, Any]) -> None:
+    response = await mirror.get("/v2/library/busybox/manifests/1.36")
+    assert response.headers["Docker-Content-Digest"] == mirror_dir["flat-busybox"]
+    response = await mirror.get("/v2/prometheus/node-exporter/manifests/v1.8.0")
+    assert response.headers["Docker-Content-Digest"] == mirror_dir["flat-exporter"]
+    response = await mirror.get("/v2/registry.k8s.io/pause/manifests/3.9")
+    assert response.headers["Docker-Content-Digest"] == mirror_dir["pause"]
+
+
+async def test_a_missing_upstream_name_is_404(mirror: Client) -> None:
+    response = await mirror.get("/v2/library/nginx/manifests/1.25?ns=docker.io")
+    await assert_error(response, 404, "NAME_UNKNOWN", "MANIFEST_UNKNOWN")
+
+
+@pytest.mark.parametrize("query", [
+    "ns=", "ns=..", "ns=../..", "ns=a/b", "ns=%2e%2e%2fetc", "ns=" + "a" * 300,
+    "ns=[::1]:5000", "ns=host:99999", "ns=-a.com", "ns=a%00b", "ns=*.io",
+    "ns=docker.io&ns=quay.io",
+])
+async def test_bad_ns_is_a_400_before_the_filesystem(mirror: Client, query: str) -> None:
+    for path in ("library/busybox/manifests/1.36", "library/busybox/tags/list",
+                 f"library/busybox/blobs/{MISSING}", f"library/busybox/referrers/{MISSING}"):
+        status, headers, body = await raw_request(mirror, "GET", f"/v2/{path}?{query}")
+        assert status == 400, (query, path, status, body)
+        (error,) = json.loads(body)["errors"]
+        assert error["code"] == "NAME_INVALID" and "ns" in error["message"], error
 
 
 # ------------------------------------------------------------------------------ HEAD == GET

@@ -144,7 +144,7 @@ def test_a_repaired_archive_is_served(image_dir: Path,
     target = image_dir / "fixme" / "1.0.oci"
     case = next(c for c in CASES if c.key == "truncated-mid-blob")
     case.build(target)
-    process = start_registry(image_dir, "--freshness-window", "0",
+    process = start_registry(image_dir, "--grace-period", "0",
                              "--cache-dir", str(image_dir.parent / "cache"))
     first = fetch(process.url, "/v2/fixme/manifests/1.0")
     assert first.status == 404 and error_codes(first) == ["MANIFEST_UNKNOWN"]

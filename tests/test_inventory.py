@@ -35,7 +35,12 @@ from simple_oci_registry.layoutwriter import LayoutWriter
 from simple_oci_registry.reference import parse_digest
 from simple_oci_registry.store import ImageStore
 from tests.dockersave import LegacyImage, layer_tar, legacy_archive
-from tests.images import StandardImages, build_standard_images, small_image
+from tests.images import (
+    StandardImages,
+    build_mirror_images,
+    build_standard_images,
+    small_image,
+)
 
 
 def root_of(directory: Path) -> str:
@@ -135,14 +140,13 @@ async def test_ls_agrees_with_the_store(standard_images: StandardImages) -> None
     store = ImageStore(Config(directory=standard_images.root))
     listing = list_images(root_of(standard_images.root))
     names = sorted({entry.name for entry in listing.entries})
-    catalog = await store.catalog()
-    assert set(names) <= set(catalog)
-    # What the listing leaves out is exactly the aliases of tag files (pattern 5 makes
-    # app/1.0.oci pullable as "app/1.0" too), and the store still serves them.
-    listed = by_reference(listing.entries)
-    for alias in set(catalog) - set(names):
-        directory, _, stem = alias.rpartition("/")
-        assert listed[f"{directory}:{stem}"].file == f"{alias}.oci"
+    # /v2/_catalog lists what ls lists: a tag file app/1.0.oci is app:1.0, not a repository
+    # "app/1.0" besides, though pattern 5 keeps that alias pullable.
+    assert await store.catalog() == names
+    aliases = [e.file[: -len(".oci")] for e in listing.entries
+               if e.tag is not None and e.file == f"{e.name}/{e.tag}.oci"]
+    assert "app/1.0" in aliases
+    for alias in aliases:
         assert await store.tags(alias)
     for name in names:
         tagged = [e for e in listing.entries if e.name == name and e.tag is not None]
@@ -160,8 +164,8 @@ async def test_ls_agrees_with_the_store(standard_images: StandardImages) -> None
 def test_entry_json(shared_images: StandardImages) -> None:
     entry = by_reference(list_images(root_of(shared_images.root)).entries)["multi:latest"]
     document = entry.to_json()
-    assert set(document) == {"name", "tag", "digest", "mediaType", "platforms", "size", "file",
-                             "modified"}
+    assert set(document) == {"name", "upstream", "tag", "digest", "mediaType", "platforms",
+                             "size", "file", "modified"}
     assert document["platforms"] == ["linux/amd64", "linux/arm64"]
     assert document["modified"].endswith("Z")
     json.dumps(document)
@@ -409,3 +413,21 @@ def test_check_hashes_the_blobs_of_a_legacy_docker_save(tmp_path: Path) -> None:
     report = check_directory(str(root))
     assert report.ok, report.problems
     assert report.blobs_hashed >= 3  # the config and both layers
+
+
+def test_listing_shows_upstream_names(tmp_path: Path) -> None:
+    """Mirror folders are listed as the names users write: the host folder itself is no
+    repository, a port folder reads host:port, and a file-name tag no request can name
+    (``coredns:v1.11.1`` as a tag of the folder ``coredns``) is not offered."""
+    images = build_mirror_images(tmp_path / "images")
+    listing = list_images(root_of(images.root))
+    shown = {f"{e.upstream}:{e.tag}" for e in listing.entries if e.tag is not None}
+    assert shown == {"docker.io/library/busybox:1.36", "registry.k8s.io/pause:3.9",
+                     "registry.k8s.io/coredns/coredns:v1.11.1",
+                     "quay.io/prometheus/node-exporter:v1.8.0", "localhost:5000/team/app:1.0"}
+    assert "registry.k8s.io" not in {e.name for e in listing.entries}
+    ported = next(e for e in listing.entries if e.upstream.startswith("localhost:5000"))
+    assert ported.name == "localhost_5000/team/app"  # what a client pulls, path form
+    assert ported.to_json()["upstream"] == "localhost:5000/team/app"
+    assert not listing.problems
+    assert check_directory(root_of(images.root)).ok

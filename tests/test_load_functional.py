@@ -107,7 +107,7 @@ def load_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadEnv]:
                                                             BIG_LAYER)}, compression="none")
     writer.tag(writer.add_image([layer]), "1.0")
     writer.write_archive(images.root / "big" / "1.0.oci")
-    with RegistryProcess(images.root, "--freshness-window", "0",
+    with RegistryProcess(images.root, "--grace-period", "0",
                          "--cache-dir", str(base / "cache"),
                          log_path=base / "registry.log") as process:
         env = LoadEnv(base, images, process, versions, layer.digest, layer.size)
@@ -601,7 +601,7 @@ def test_replacements_do_not_grow_the_verification_cache(tmp_path: Path) -> None
         versions.append(_churn_version(tmp_path / f"v{number}.oci", "swap", number))
     target = images / "swap" / "1.0.oci"
     _replace(versions[0], target)
-    with RegistryProcess(images, "--freshness-window", "0", "--rescan-interval", "1",
+    with RegistryProcess(images, "--grace-period", "0", "--rescan-interval", "1",
                          "--cache-dir", str(tmp_path / "cache"),
                          log_path=tmp_path / "registry.log") as process:
         for number in range(200):

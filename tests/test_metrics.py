@@ -63,7 +63,7 @@ async def scrape(client: Client) -> str:
 
 
 async def serve(aiohttp_client: MakeClient, directory: Path) -> tuple[Client, Registry]:
-    registry = make_app(Config(directory=directory, freshness_window=0))
+    registry = make_app(Config(directory=directory))
     return await aiohttp_client(RawTestServer(registry.handle)), registry
 
 
@@ -353,3 +353,30 @@ def test_metrics_dir_of_a_single_worker_process_is_not_made(shared_images: Stand
         assert list(scratch.iterdir()) == []
     finally:
         assert registry.stop() == 0
+
+
+async def test_directory_and_grace_counters(aiohttp_client: MakeClient, tmp_path: Path) -> None:
+    from simple_oci_registry.layoutwriter import LayoutWriter
+    from tests.images import small_image
+
+    def write(text: str) -> tuple[str, str]:
+        writer = LayoutWriter()
+        image, layers = small_image(writer, text)
+        writer.tag(image, "1.0")
+        writer.write_archive(tmp_path / "images" / "app" / "1.0.oci")
+        return image.digest, layers[0].digest
+
+    old_manifest, old_layer = write("old")
+    client, _ = await serve(aiohttp_client, tmp_path / "images")
+    assert (await client.get("/v2/app/manifests/1.0")).status == 200
+    write("new")  # renamed over: the old layer stays downloadable for the grace period
+    assert (await client.get(f"/v2/app/blobs/{old_layer}")).status == 200
+
+    def value(text: str, name: str) -> float:
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples if sample.name == name)
+
+    text = await scrape(client)
+    assert value(text, "registry_grace_hits_total") == 1
+    assert value(text, "registry_directory_listings_read_total") >= 2  # app/, then again
+    assert value(text, "registry_directory_stat_calls_total") >= 2

@@ -10,8 +10,10 @@ from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.reference import (
     MAX_NAME_LENGTH,
     Digest,
+    InvalidReference,
     is_digest,
     parse_digest,
+    parse_image_reference,
     parse_reference,
     tag_of_ref_name,
     valid_name,
@@ -225,3 +227,12 @@ def test_parse_digest_exact_lengths(algorithm: str, encoded: str) -> None:
     else:
         assert ok
         assert digest == Digest(algorithm, encoded)
+
+
+@pytest.mark.parametrize("text", [
+    "", "Nginx:1", "nginx:", "nginx:-x", "nginx@sha256:short", "nginx@md5:" + "a" * 32,
+    "quay.io/", "quay.io//a", "a/../b", "host:99999/a", "[::1]:5000/a", "a" * 1100,
+])
+def test_parse_image_reference_refuses(text: str) -> None:
+    with pytest.raises(InvalidReference):
+        parse_image_reference(text)

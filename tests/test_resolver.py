@@ -13,7 +13,14 @@ from hypothesis import strategies as st
 from simple_oci_registry.archive import open_archive
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.reference import valid_name
-from simple_oci_registry.resolver import Candidate, Pattern, list_candidates, ordered, walk_names
+from simple_oci_registry.resolver import (
+    Candidate,
+    Pattern,
+    fingerprint_of,
+    list_candidates,
+    ordered,
+    walk_names,
+)
 from tests.images import build_standard_images
 
 
@@ -46,7 +53,7 @@ def test_candidate_order_for_each_pattern(root: Path) -> None:
         (Pattern.IN_DIRECTORY, "2.0"), (Pattern.BESIDE, "1.0"), (Pattern.BESIDE, "beta"),
         (Pattern.WHOLE, "")]
     for c in candidates:
-        assert c.fingerprint == Fingerprint.of_path(c.path)
+        assert c.inode == os.stat(c.path).st_ino  # from the listing, no stat per file
     # <name>/<ref>.oci, <name>/*.oci, <name>:<ref>.oci, <name>:*.oci, <name>.oci
     assert relative(root, ordered(candidates, "1.0")) == [
         "app/1.0.oci", "app/0.9.oci", "app/2.0.oci", "app:1.0.oci", "app:beta.oci", "app.oci"]
@@ -121,12 +128,13 @@ def test_layout_directories_are_candidates(root: Path) -> None:
     assert relative(root, [candidate]) == ["app/dir.oci"]
     # Identified by index.json, as the archive layer does, so the store's check matches.
     index = root / "app" / "dir.oci" / "index.json"
-    assert candidate.fingerprint == Fingerprint.of_path(str(index))
-    assert candidate.fingerprint == open_archive(candidate.path).fingerprint
+    assert candidate.is_dir
+    assert fingerprint_of(candidate.path) == Fingerprint.of_path(str(index))
+    assert fingerprint_of(candidate.path) == open_archive(candidate.path).fingerprint
     # Without index.json (not a layout yet) the directory's own stat stands in.
     [whole] = list_candidates(str(root), "whole")
     assert relative(root, [whole]) == ["whole.oci"]
-    assert whole.fingerprint == Fingerprint.of_path(str(root / "whole.oci"))
+    assert fingerprint_of(whole.path) == Fingerprint.of_path(str(root / "whole.oci"))
     assert walk_names(str(root)) == ["app", "app/dir", "whole"]
 
 
@@ -141,7 +149,7 @@ def test_symlink_outside_the_root_is_refused(root: Path, tmp_path: Path,
     assert list_candidates(str(root), "linked") == ()
     allowed = list_candidates(str(root), "app", allow_outside=True)
     assert relative(root, allowed) == ["app.oci"]
-    assert allowed[0].fingerprint == Fingerprint.of_path(str(outside / "x.oci"))
+    assert allowed[0].inode == os.stat(outside / "x.oci").st_ino
     assert relative(root, list_candidates(str(root), "linked", allow_outside=True)) == [
         "linked/1.0.oci"]
 
@@ -151,7 +159,8 @@ def test_symlink_inside_the_root_is_followed(root: Path) -> None:
     (root / "alias.oci").symlink_to(root / "real" / "1.0.oci")
     (root / "dangling.oci").symlink_to(root / "missing.oci")
     [candidate] = list_candidates(str(root), "alias")
-    assert candidate.fingerprint == Fingerprint.of_path(str(root / "real" / "1.0.oci"))
+    # The target's inode: what opening the path reaches.
+    assert candidate.inode == os.stat(root / "real" / "1.0.oci").st_ino
     assert list_candidates(str(root), "dangling") == ()
 
 

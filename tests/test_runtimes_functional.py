@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tarfile
 import time
@@ -23,8 +26,9 @@ from typing import Any
 
 import pytest
 
+from simple_oci_registry.layoutwriter import LayoutWriter
 from tests.conftest import require
-from tests.images import StandardImages, build_standard_images
+from tests.images import StandardImages, build_standard_images, small_image
 from tests.runtimes import Containerd, ContainersConfig, containers_config, run, runc_problem
 from tests.server import RegistryProcess
 
@@ -46,7 +50,12 @@ pytestmark = pytest.mark.clients
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-MIRRORED = "registry.example.invalid"
+SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "node-setup.sh"
+UPSTREAM_BUSYBOX = "docker.io/library/busybox:1.36"
+UPSTREAM_BUSYBOX_FILE = "docker.io/library/busybox/1.36.oci"
+UPSTREAM_PAUSE = "registry.k8s.io/pause:3.9"
+UPSTREAM_PAUSE_FILE = "registry.k8s.io/pause:3.9.oci"
+UPSTREAM_MISSING = "docker.io/library/nginx:1.25"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,6 +107,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("runtimes") / "images"
     images = build_standard_images(root)
     demo = make_demo.build_demo(root)  # busybox/1.36.oci and the rest, beside the standard ones
+    # Mirror mode: upstream names under their host folders (README, "Mirror mode").
+    busybox = next(d for d in demo if (d.name, d.tag) == ("busybox", "1.36"))
+    (root / UPSTREAM_BUSYBOX_FILE).parent.mkdir(parents=True)
+    shutil.copyfile(busybox.path, root / UPSTREAM_BUSYBOX_FILE)
+    writer = LayoutWriter()
+    pause, _ = small_image(writer, "pause")
+    writer.tag(pause, "3.9")
+    writer.write_archive(root / UPSTREAM_PAUSE_FILE)
     with RegistryProcess(root) as registry:
         yield Served(registry, images, demo)
 
@@ -206,32 +223,96 @@ def test_ctr_pulls_one_platform_of_index(served: Served, containerd: Containerd)
     assert not (set(served.images.layers["multi:latest"]) - set(arm64_layers)) & content
 
 
-def test_ctr_pulls_through_mirror_hosts_dir(served: Served, containerd: Containerd,
-                                            tmp_path: Path) -> None:
-    """containerd as a node mirror: hosts.toml for an upstream sends every request to us with
-    ``?ns=<upstream>``; the registry routes on the path and ignores the query."""
-    hosts = tmp_path / "certs.d"
-    (hosts / MIRRORED).mkdir(parents=True)
-    (hosts / MIRRORED / "hosts.toml").write_text(
-        f'server = "https://{MIRRORED}"\n'
-        f'[host."http://{served.host}"]\n'
-        '  capabilities = ["pull", "resolve"]\n'
-    )
-    log_start = len(served.registry.log())
-    ref = f"{MIRRORED}/app:1.0"
-    containerd.ctr("images", "pull", "--hosts-dir", str(hosts), ref)
-    assert_ctr_image(containerd, ref, served.images.manifests["app:1.0"],
-                     served.images.layers["app:1.0"])
+# ---------------------------------------------------------------------------------------------
+# Mirror mode: upstream names, with the runtime configuration node-setup.sh writes
 
-    query = f"?ns={MIRRORED}"
-    digest = served.images.manifests["app:1.0"]
-    expected = [f'"HEAD /v2/app/manifests/1.0{query}" 200',
-                f'"GET /v2/app/manifests/{digest}{query}" 200',
-                *(f'"GET /v2/app/blobs/{layer}{query}" 200'
-                  for layer in served.images.layers["app:1.0"])]
-    requests = access_log_until(served.registry, log_start, "/v2/app/", expected)
-    assert all(query in line for line in requests), requests
-    assert not [line for line in requests if '" 200 ' not in line and '" 206 ' not in line]
+
+def node_setup(served: Served, node_root: Path, **settings: str) -> str:
+    """Run deploy/node-setup.sh on a scratch node for the test registry, air-gapped mirrors
+    of docker.io and registry.k8s.io; return what it printed."""
+    (node_root / "etc").mkdir(parents=True, exist_ok=True)
+    host, port = served.host.rsplit(":", 1)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "NODE_ROOT": str(node_root),
+           "REGISTRY_HOST": host, "REGISTRY_PORT": port, "SETUP_ETC_HOSTS": "false",
+           "MIRROR_REGISTRIES": "docker.io registry.k8s.io", "MIRROR_FALLBACK": "false",
+           **settings}
+    done = subprocess.run(["sh", str(SCRIPT)], env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+    return done.stderr
+
+
+def upstream_image(served: Served, file: str) -> tuple[str, list[str]]:
+    return archive_image(served.images.root / file)
+
+
+def test_ctr_pulls_upstream_names_through_node_setup_hosts_toml(
+        served: Served, containerd: Containerd, tmp_path: Path) -> None:
+    """containerd as a node mirror of docker.io and registry.k8s.io: every request reaches us
+    as /v2/<upstream path>?ns=<upstream> and is answered from the host folder."""
+    node_root = tmp_path / "node"
+    node_setup(served, node_root)
+    certs_d = node_root / "etc/containerd/certs.d"
+    for upstream in ("docker.io", "registry.k8s.io"):
+        assert served.host in (certs_d / upstream / "hosts.toml").read_text()
+    log_start = len(served.registry.log())
+    for ref, file in ((UPSTREAM_BUSYBOX, UPSTREAM_BUSYBOX_FILE),
+                      (UPSTREAM_PAUSE, UPSTREAM_PAUSE_FILE)):
+        containerd.ctr("images", "pull", "--hosts-dir", str(certs_d), ref)
+        digest, layers = upstream_image(served, file)
+        assert_ctr_image(containerd, ref, digest, layers)
+
+    digest, layers = upstream_image(served, UPSTREAM_BUSYBOX_FILE)
+    expected = ['"HEAD /v2/library/busybox/manifests/1.36?ns=docker.io" 200',
+                f'"GET /v2/library/busybox/manifests/{digest}?ns=docker.io" 200',
+                *(f'"GET /v2/library/busybox/blobs/{layer}?ns=docker.io" 200'
+                  for layer in layers)]
+    requests = access_log_until(served.registry, log_start, "/v2/library/busybox/", expected)
+    assert all("?ns=docker.io" in line for line in requests), requests
+    access_log_until(served.registry, log_start, "/v2/pause/",
+                     ['"HEAD /v2/pause/manifests/3.9?ns=registry.k8s.io" 200'])
+
+    # Not in the directory: a clean failure, answered here (there is no upstream to try).
+    missing = containerd.ctr("images", "pull", "--hosts-dir", str(certs_d), UPSTREAM_MISSING,
+                             check=False)
+    assert missing.returncode != 0
+    assert f"{UPSTREAM_MISSING}: not found" in missing.stderr, missing.stderr
+    access_log_until(served.registry, log_start, "/v2/library/nginx/",
+                     ['"HEAD /v2/library/nginx/manifests/1.25?ns=docker.io" 404'])
+    assert UPSTREAM_MISSING not in ctr_images(containerd)
+
+
+def test_containerd_1_6_reads_the_config_path_node_setup_set(served: Served,
+                                                              tmp_path: Path) -> None:
+    """issue 13: the node's own containerd 1.6 config (its 'config default'), given
+    config_path by node-setup.sh, makes the CRI plugin -- what kubelet pulls through -- use
+    the hosts.toml files node-setup.sh wrote."""
+    require("containerd")
+    node_root = tmp_path / "node"
+    config = node_root / "etc/containerd/config.toml"
+    config.parent.mkdir(parents=True)
+    config.write_text(run("containerd", "config", "default").stdout)
+    printed = node_setup(served, node_root, SETUP_CONTAINERD_CONFIG_PATH="true")
+    assert "restart" in printed
+    assert 'config_path = "/etc/containerd/certs.d"' in config.read_text()
+
+    daemon = Containerd(tmp_path / "containerd", node_root=node_root).start()
+    try:
+        for ref, file in ((UPSTREAM_BUSYBOX, UPSTREAM_BUSYBOX_FILE),
+                          (UPSTREAM_PAUSE, UPSTREAM_PAUSE_FILE)):
+            digest, layers = upstream_image(served, file)
+            image_id = daemon.cri_pull(ref)
+            manifest = json.loads(daemon.ctr("content", "get", digest,
+                                             namespace="k8s.io").stdout)
+            assert image_id == manifest["config"]["digest"]  # CRI's image id is the config
+            images = daemon.ctr("images", "ls", namespace="k8s.io").stdout
+            assert any(line.split()[:1] == [ref] and digest in line
+                       for line in images.splitlines()), images
+        with pytest.raises(Exception, match="not found") as caught:
+            daemon.cri_pull(UPSTREAM_MISSING)
+        assert "registry-1.docker.io" not in str(caught.value)
+    finally:
+        daemon.stop()
+    assert "failed to decode hosts.toml" not in daemon.log()
 
 
 def access_log_until(registry: RegistryProcess, start: int, path: str,
@@ -328,6 +409,41 @@ def test_podman_pulls_and_runs_demo_busybox(served: Served, podman: ContainersCo
     skip_run_unless_possible(runc_blocker, note)
     output = podman_run(podman, "run", "--rm", ref, "echo", "hello from podman", timeout=60)
     assert output.strip() == "hello from podman"
+
+
+def test_podman_pulls_and_runs_upstream_busybox_through_node_setup_dropin(
+        served: Served, podman: ContainersConfig, tmp_path: Path,
+        runc_blocker: str | None) -> None:
+    """containers/image with the registries.conf.d drop-in node-setup.sh wrote: the docker.io
+    prefix is rewritten to <registry>/docker.io, so the request path carries the host."""
+    node_root = tmp_path / "node"
+    node_setup(served, node_root)
+    # The user-level drop-in directory is read beside CONTAINERS_REGISTRIES_CONF: point it
+    # at the node's, so podman reads exactly the files node-setup.sh wrote.
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    (home / ".config" / "containers").symlink_to(node_root / "etc" / "containers")
+    env = {**podman.env, "HOME": str(home)}
+    log_start = len(served.registry.log())
+    run("podman", "pull", "--quiet", "--signature-policy", str(podman.policy),
+        UPSTREAM_BUSYBOX, env=env)
+    digest, _layers = upstream_image(served, UPSTREAM_BUSYBOX_FILE)
+    inspected = run("podman", "image", "inspect", "--format", "{{.Digest}}", UPSTREAM_BUSYBOX,
+                    env=env).stdout.strip()
+    assert inspected == digest
+    access_log_until(served.registry, log_start, "/v2/docker.io/library/busybox/",
+                     ['"GET /v2/docker.io/library/busybox/manifests/1.36" 200'])
+
+    missing = run("podman", "pull", "--quiet", "--signature-policy", str(podman.policy),
+                  UPSTREAM_MISSING, env=env, check=False)
+    # Air-gapped: the error names the node-local registry, not docker.io.
+    assert missing.returncode != 0, missing.stderr
+    assert f"in {served.host}/docker.io/library/nginx: name unknown" in missing.stderr
+
+    skip_run_unless_possible(runc_blocker, served.busybox()[2])
+    output = run("podman", "run", "--rm", UPSTREAM_BUSYBOX, "echo", "hello from docker.io",
+                 env=env, timeout=60).stdout
+    assert output.strip() == "hello from docker.io"
 
 
 # ---------------------------------------------------------------------------------------------

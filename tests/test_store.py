@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from simple_oci_registry import mediatypes
 from simple_oci_registry.archive import open_archive
 from simple_oci_registry.config import Config
+from simple_oci_registry.directory import RACY_SECONDS
 from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.layoutwriter import MEDIA_TYPE_OCI_INDEX, LayoutWriter
 from simple_oci_registry.reference import Digest, parse_digest
@@ -23,8 +25,8 @@ from tests.images import StandardImages, build_standard_images, small_image
 MISSING = parse_digest("sha256:" + "0" * 64)
 
 
-def store_for(root: Path, window: float = 0) -> ImageStore:
-    return ImageStore(Config(directory=root, freshness_window=window))
+def store_for(root: Path, grace: float = 300) -> ImageStore:
+    return ImageStore(Config(directory=root, grace_period=grace))
 
 
 async def read_all(store: ImageStore, name: str, location: BlobLocation) -> bytes:
@@ -188,8 +190,7 @@ async def test_damaged_blob_is_refused(image_dir: Path, caplog: pytest.LogCaptur
     assert error.detail["reason"] == "stored content does not match the digest"
     assert "does not match its digest" in caplog.text
     # check_blob (HEAD) and open_blob (GET) refuse the same location too.
-    layout = await store._layout(store._views["bad"].candidates[0])
-    assert layout is not None
+    layout = store._current[str(image_dir / "bad" / "1.0.oci")].layout
     location = BlobLocation(str(digest), member.size, mediatypes.OCTET_STREAM, layout)
     await expect(ErrorCode.BLOB_UNKNOWN, store.check_blob(location))
     await expect(ErrorCode.BLOB_UNKNOWN, store.open_blob("bad", location))
@@ -225,10 +226,11 @@ async def test_open_blob_follows_a_replaced_archive(image_dir: Path) -> None:
 # --------------------------------------------------------------------------- freshness
 
 
-async def test_replaced_archive_is_seen_with_window_zero(image_dir: Path) -> None:
+@pytest.mark.parametrize("grace", [0, 300])
+async def test_replaced_archive_is_seen_at_once(image_dir: Path, grace: float) -> None:
     path = image_dir / "app" / "1.0.oci"
-    _, old, _ = write_image(path, "old", "1.0")
-    store = store_for(image_dir)
+    _, old, old_layers = write_image(path, "old", "1.0")
+    store = store_for(image_dir, grace)
     assert (await store.manifest("app", "1.0")).digest == old
     st = path.stat()
     _, new, _ = write_image(path, "new-and-longer", "1.0")
@@ -237,26 +239,64 @@ async def test_replaced_archive_is_seen_with_window_zero(image_dir: Path) -> Non
     _, newer, _ = write_image(path, "third", "1.0")
     os.utime(path, ns=(st.st_atime_ns - 10**12, st.st_mtime_ns - 10**12))
     assert (await store.manifest("app", "1.0")).digest == newer
-    await expect(ErrorCode.MANIFEST_UNKNOWN, store.manifest("app", parse_digest(old)))
+    if grace:
+        # A pull that resolved the tag before the publish finishes: the replaced archive's
+        # content stays reachable by digest (its pin keeps the bytes).
+        assert (await store.manifest("app", parse_digest(old))).digest == old
+        location = await store.blob("app", parse_digest(old_layers[0]))
+        assert hashlib.sha256(await read_all(store, "app", location)).hexdigest() == \
+            old_layers[0].partition(":")[2]
+    else:
+        await expect(ErrorCode.MANIFEST_UNKNOWN, store.manifest("app", parse_digest(old)))
+        await expect(ErrorCode.BLOB_UNKNOWN, store.blob("app", parse_digest(old_layers[0])))
 
 
-async def test_window_keeps_the_checked_view(image_dir: Path) -> None:
+async def test_grace_period_ends(image_dir: Path) -> None:
     now = [1000.0]
     path = image_dir / "app" / "1.0.oci"
     _, old, _ = write_image(path, "old", "1.0")
-    store = ImageStore(Config(directory=image_dir, freshness_window=5), clock=lambda: now[0])
+    store = ImageStore(Config(directory=image_dir, grace_period=60), clock=lambda: now[0])
+    assert (await store.manifest("app", "1.0")).digest == old
+    path.unlink()
+    await expect(ErrorCode.NAME_UNKNOWN, store.manifest("app", "1.0"))  # tags: newest state
+    now[0] += 59
+    assert (await store.manifest("app", parse_digest(old))).digest == old
+    now[0] += 2
+    await expect(ErrorCode.NAME_UNKNOWN, store.manifest("app", parse_digest(old)))
+    assert store.snapshot()["retired"] == 0
+
+
+async def test_every_request_sees_the_current_directory(image_dir: Path) -> None:
+    path = image_dir / "app" / "1.0.oci"
+    _, old, _ = write_image(path, "old", "1.0")
+    store = store_for(image_dir)
     assert (await store.manifest("app", "1.0")).digest == old
     shutil.move(path, image_dir / "elsewhere.oci")
     _, new, _ = write_image(image_dir / "app" / "2.0.oci", "new", "2.0")
-    now[0] += 4  # inside the window: the listing is trusted, the new file not yet seen
-    await expect(ErrorCode.MANIFEST_UNKNOWN, store.manifest("app", "2.0"))
-    now[0] += 2
+    # No window: the very next request sees the change (the directory's stat changed).
     assert (await store.manifest("app", "2.0")).digest == new
     await expect(ErrorCode.MANIFEST_UNKNOWN, store.manifest("app", "1.0"))
 
 
+async def test_warm_requests_reuse_listings(image_dir: Path) -> None:
+    for i in range(50):
+        write_image(image_dir / f"flat:{i}.oci", f"v{i}", None)
+    store = store_for(image_dir)
+    time.sleep(RACY_SECONDS + 0.1)  # a listing read right after a change is read again
+    assert (await store.manifest("flat", "7")).digest
+    read = store.directory.listings_read
+    for _ in range(20):
+        assert (await store.manifest("flat", "7")).digest
+        await expect(ErrorCode.NAME_UNKNOWN, store.manifest("unknown-name", "1"))
+    # Unchanged directories are stat'ed, never listed again, whatever their size.
+    assert store.directory.listings_read == read
+    write_image(image_dir / "flat:new.oci", "new", None)
+    assert (await store.manifest("flat", "new")).digest
+    assert store.directory.listings_read > read
+
+
 async def test_deleted_archive_is_purged(images: StandardImages) -> None:
-    store = store_for(images.root)
+    store = store_for(images.root, grace=0)
     await store.manifest("app", "1.0")
     await store.manifest("app", "2.0")
     assert store.snapshot()["archives"] == 2
@@ -269,22 +309,24 @@ async def test_deleted_archive_is_purged(images: StandardImages) -> None:
                  store.blob("app", parse_digest(images.layers["app:1.0"][0])))
 
 
-async def test_rescan_purges_vanished_archives(images: StandardImages) -> None:
-    store = store_for(images.root, window=3600)
+async def test_rescan_retires_vanished_archives(images: StandardImages) -> None:
+    now = [1000.0]
+    store = ImageStore(Config(directory=images.root, grace_period=60), clock=lambda: now[0])
     await store.manifest("app", "1.0")
     await store.manifest("app", "2.0")
     await store.manifest("pair", "one")
-    assert store.snapshot() == {"names": 2, "archives": 3, "broken": 0, "verified_blobs": 0}
+    assert store.snapshot()["archives"] == 3
     (images.root / "app" / "2.0.oci").unlink()
     (images.root / "pair.oci").unlink()
-    # Within the window nothing is listed again ...
-    assert (await store.manifest("app", "2.0")).digest == images.manifests["app:2.0"]
+    # Nobody asked for these names since: the periodic rescan notices the deletions.
     await store.rescan()
     assert store.stats.rescans == 1
-    assert store.snapshot() == {"names": 1, "archives": 1, "broken": 0, "verified_blobs": 0}
-    # ... after the rescan the archives are gone.
+    assert (store.snapshot()["archives"], store.snapshot()["retired"]) == (1, 2)
     await expect(ErrorCode.MANIFEST_UNKNOWN, store.manifest("app", "2.0"))
     await expect(ErrorCode.NAME_UNKNOWN, store.manifest("pair", "one"))
+    now[0] += 61
+    await store.rescan()
+    assert (store.snapshot()["archives"], store.snapshot()["retired"]) == (1, 0)
 
 
 async def test_broken_archive_is_logged_once(images: StandardImages,
@@ -351,13 +393,33 @@ async def test_digest_argument_type(images: StandardImages) -> None:
     assert record.digest == images.manifests["app:1.0"]
 
 
-async def test_blob_located_in_an_archive_replaced_within_the_window(image_dir: Path) -> None:
-    now = [0.0]
+async def test_blob_located_in_an_archive_replaced_after_its_manifest(image_dir: Path) -> None:
     path = image_dir / "app" / "1.0.oci"
     w, _, layers = write_image(path, "replaced", "1.0")
-    store = ImageStore(Config(directory=image_dir, freshness_window=5), clock=lambda: now[0])
+    store = store_for(image_dir)
     await store.manifest("app", "1.0")  # indexed; the layer is not verified yet
     w.write_archive(path)  # the same content in a new file (atomic rename)
     location = await store.blob("app", parse_digest(layers[0]))
     data = await read_all(store, "app", location)
     assert "sha256:" + hashlib.sha256(data).hexdigest() == layers[0]
+
+
+async def test_a_name_first_seen_by_digest_then_by_tag(image_dir: Path) -> None:
+    # The blob request remembers the name (no folder of its own); the tag request after it
+    # must still look beside the name (regression: it looked nowhere and failed).
+    _, digest, layers = write_image(image_dir / "solo.oci", "solo", "latest")
+    store = store_for(image_dir)
+    assert (await store.blob("solo", parse_digest(layers[0]))).digest == layers[0]
+    assert (await store.manifest("solo", "latest")).digest == digest
+
+
+async def test_catalog_lists_what_users_mean(image_dir: Path) -> None:
+    # issue 13 item 13: app/a.oci and app/b.oci are app's tags a and b, not repositories
+    # "app/a" and "app/b"; team/app.oci holding tag 1.0 is the whole of team/app (pattern 5).
+    write_image(image_dir / "app" / "a.oci", "a", None)
+    write_image(image_dir / "app" / "b.oci", "b", None)
+    write_image(image_dir / "team" / "app.oci", "team-app", "1.0")
+    write_image(image_dir / "registry.k8s.io" / "pause:3.9.oci", "pause", None)
+    store = store_for(image_dir)
+    assert await store.catalog() == ["app", "registry.k8s.io/pause", "team", "team/app"]
+    assert (await store.manifest("registry.k8s.io/pause", "3.9")).digest

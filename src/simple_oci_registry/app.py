@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final
@@ -33,6 +34,7 @@ from simple_oci_registry.handlers import Handlers
 from simple_oci_registry.headers import API_VERSION, API_VERSION_VALUE
 from simple_oci_registry.logs import CUT_SHORT
 from simple_oci_registry.metrics import Metrics
+from simple_oci_registry.pins import PinClient
 from simple_oci_registry.routes import Route, parse_v2_path
 from simple_oci_registry.store import ImageStore
 
@@ -59,7 +61,10 @@ class Registry:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.store = ImageStore(config)
+        pins = None
+        if config.pin_socket_fd is not None:
+            pins = PinClient(socket.socket(fileno=config.pin_socket_fd))
+        self.store = ImageStore(config, pins=pins)
         self.handlers = Handlers(self.store)
         self.metrics = Metrics()
         self.auth = BasicAuth(config.htpasswd) if config.htpasswd is not None else None
@@ -90,6 +95,7 @@ class Registry:
         self._tasks.clear()
         if self.auth is not None:
             self.auth.close()
+        self.store.close()
 
     def server(self, **kwargs: object) -> web.Server:
         """The aiohttp protocol factory serving this registry (kwargs go to ``web.Server``)."""

@@ -207,6 +207,9 @@ class Archive(ABC):
     def __init__(self, path: str, fingerprint: Fingerprint, members: Mapping[str, Member],
                  cache: BlobCache | None = None) -> None:
         self.path = path
+        # Where the bytes are opened: the path itself, or /proc/self/fd/N for an archive held
+        # open by a pin (pins.py), which stays readable after a rename over its path.
+        self.source = path
         self.fingerprint = fingerprint
         self.members = members
         self.cache = cache
@@ -288,6 +291,12 @@ def _open_regular(path: str, buffering: int = -1) -> IO[bytes]:
     return file
 
 
+def pin_source(fd: int) -> str:
+    """A path that opens the file behind ``fd`` again, even once it is renamed over or
+    unlinked (Linux /proc magic link), with its own file offset."""
+    return f"/proc/self/fd/{fd}"
+
+
 def detect_kind(path: str) -> ArchiveKind:
     """Tell the archive's format from its content, never from its name."""
     st = os.stat(path)
@@ -306,17 +315,21 @@ def detect_kind(path: str) -> ArchiveKind:
 
 
 def open_archive(path: str, limits: ArchiveLimits | None = None,
-                 cache: BlobCache | None = None) -> Archive:
-    """Index the archive at ``path`` (blocking); ``cache`` serves compressed archives."""
+                 cache: BlobCache | None = None, *, source: str | None = None) -> Archive:
+    """Index the archive at ``path`` (blocking); ``cache`` serves compressed archives.
+
+    ``source``, when given, is where the file is opened instead of ``path`` (a pinned
+    descriptor, :func:`pin_source`); ``path`` stays the archive's name in logs and cache keys.
+    """
     limits = limits or ArchiveLimits()
-    kind = detect_kind(path)
+    kind = detect_kind(source or path)
     archive: Archive
     if kind is ArchiveKind.TAR:
-        archive = TarArchive.scan(path, limits)
+        archive = TarArchive.scan(path, limits, source=source)
     elif kind is ArchiveKind.DIRECTORY:
         archive = DirectoryArchive.scan(path, limits)
     else:
-        return CompressedTarArchive.scan(path, kind, limits, cache)
+        return CompressedTarArchive.scan(path, kind, limits, cache, source=source)
     archive.cache = cache  # remembers the digests of members not named by digest
     return archive
 
@@ -531,7 +544,8 @@ def _open_checked(path: str, fingerprint: Fingerprint) -> IO[bytes]:
     except ArchiveError as exc:
         raise StaleArchiveError(f"{path} is no longer a regular file") from exc
     try:
-        if Fingerprint.of_fd(file.fileno()) != fingerprint:
+        # same_bytes: a pinned archive renamed over (or removed) still holds its bytes.
+        if not fingerprint.same_bytes(Fingerprint.of_fd(file.fileno())):
             raise StaleArchiveError(f"{path} changed since it was indexed")
     except BaseException:
         file.close()
@@ -545,8 +559,8 @@ class TarArchive(Archive):
     kind = ArchiveKind.TAR
 
     @classmethod
-    def scan(cls, path: str, limits: ArchiveLimits) -> TarArchive:
-        with _open_regular(path) as f:
+    def scan(cls, path: str, limits: ArchiveLimits, *, source: str | None = None) -> TarArchive:
+        with _open_regular(source or path) as f:
             fingerprint = Fingerprint.of_fd(f.fileno())
             entries: list[tuple[tarfile.TarInfo, str]] = []
             try:
@@ -565,11 +579,12 @@ class TarArchive(Archive):
         table = _collect(entries, limits)
         archive = cls(path, fingerprint, table.members)
         archive.aliases = table.aliases
+        archive.source = source or path
         return archive
 
     def read_member(self, name: str, limit: int) -> bytes:
         member = self._member(name, limit)
-        with _open_checked(self.path, self.fingerprint) as f:
+        with _open_checked(self.source, self.fingerprint) as f:
             data = os.pread(f.fileno(), member.size, member.offset)
         if len(data) != member.size:
             raise StaleArchiveError(f"{self.path} is shorter than indexed")
@@ -577,12 +592,12 @@ class TarArchive(Archive):
 
     def open_member(self, name: str) -> MemberReader:
         member = self._member(name)
-        return _FdReader(_open_checked(self.path, self.fingerprint), member.offset, member.size,
+        return _FdReader(_open_checked(self.source, self.fingerprint), member.offset, member.size,
                          self.fingerprint)
 
     def head(self, name: str) -> bytes:
         member = self._member(name)
-        with _open_checked(self.path, self.fingerprint) as f:
+        with _open_checked(self.source, self.fingerprint) as f:
             return os.pread(f.fileno(), min(member.size, HEAD_BYTES), member.offset)
 
 
@@ -746,10 +761,18 @@ class CompressedTarArchive(Archive):
 
     @classmethod
     def scan(cls, path: str, kind: ArchiveKind, limits: ArchiveLimits,
-             cache: BlobCache | None = None) -> CompressedTarArchive:
+             cache: BlobCache | None = None, *,
+             source: str | None = None) -> CompressedTarArchive:
+        archive = cls._scan_cached(path, kind, limits, cache, source or path)
+        archive.source = source or path
+        return archive
+
+    @classmethod
+    def _scan_cached(cls, path: str, kind: ArchiveKind, limits: ArchiveLimits,
+                     cache: BlobCache | None, source: str) -> CompressedTarArchive:
         if cache is None:
-            return cls._scan(path, kind, limits, None)
-        fingerprint = Fingerprint.of_path(path)
+            return cls._scan(path, kind, limits, None, source)
+        fingerprint = Fingerprint.of_path(source)
         with cache.indexing(path, fingerprint):
             remembered = cache.load_index(path, fingerprint)
             facts = _load_facts(cache, path, fingerprint)
@@ -758,7 +781,7 @@ class CompressedTarArchive(Archive):
                 members = {n: Member(n, off, size) for n, (off, size) in remembered.members.items()}
                 return cls(path, fingerprint, members, kind, remembered.small, cache,
                            facts.heads, facts.digests)
-            archive = cls._scan(path, kind, limits, cache)
+            archive = cls._scan(path, kind, limits, cache, source)
             cache.save_index(path, archive.fingerprint, CachedIndex(
                 {m.name: (m.offset, m.size) for m in archive.members.values()},
                 dict(archive._small)))
@@ -768,13 +791,13 @@ class CompressedTarArchive(Archive):
 
     @classmethod
     def _scan(cls, path: str, kind: ArchiveKind, limits: ArchiveLimits,
-              cache: BlobCache | None) -> CompressedTarArchive:
+              cache: BlobCache | None, source: str) -> CompressedTarArchive:
         entries: list[tuple[tarfile.TarInfo, str]] = []
         small: dict[str, bytes] = {}
         heads: dict[str, bytes] = {}
         digests: dict[str, str] = {}
         small_total = 0
-        with _open_regular(path) as raw:
+        with _open_regular(source) as raw:
             fingerprint = Fingerprint.of_fd(raw.fileno())
             budget = limits.max_expansion * fingerprint.size + (1 << 20)
             if cache is not None:
@@ -861,7 +884,7 @@ class CompressedTarArchive(Archive):
             cached = self._from_cache(digest, member)
             if cached is not None:
                 return cached
-        raw = _open_checked(self.path, self.fingerprint)
+        raw = _open_checked(self.source, self.fingerprint)
         try:
             return _StreamReader(raw, self.kind, member, self.fingerprint)
         except BaseException:
@@ -888,7 +911,7 @@ class CompressedTarArchive(Archive):
         if file is None:
             with self.cache.filling(digest, member.size) as needed:
                 if needed:
-                    raw = _open_checked(self.path, self.fingerprint)
+                    raw = _open_checked(self.source, self.fingerprint)
                     self.cache.count_decompression()
                     with _StreamReader(raw, self.kind, member, self.fingerprint) as reader:
                         if not self.cache.store(digest, member.size,

@@ -56,6 +56,7 @@ class CacheStats:
     index_hits: int = 0
     rejected: int = 0
     decompressions: int = 0  # passes over a compressed archive (scans and refills)
+    size_bytes: int = 0  # blobs in the cache after the last eviction pass (node-wide)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,7 @@ class BlobCache:
             cache = cls(directory, max_bytes)
             probe = tempfile.NamedTemporaryFile(dir=directory / "tmp")  # noqa: SIM115
             probe.close()
+            cache.evict()  # fits the bound at once (it may have shrunk), and knows its size
             return cache
         except OSError as exc:
             log.warning("blob cache %s unusable (%s): compressed archives will be streamed "
@@ -275,6 +277,7 @@ class BlobCache:
                     self.stats.evictions += 1
             with contextlib.suppress(OSError):
                 (self.directory / "used" / path.parent.name / path.name).unlink()
+        self.stats.size_bytes = total
 
     # ------------------------------------------------------------------ archive indexes
 

@@ -9,8 +9,8 @@ Content-Security-Policy that allows exactly the page's own style and script by h
 Its data comes from :func:`inventory.list_images`, built in a worker thread so the event loop
 never blocks on directory walks or archive reads; unchanged archives are not re-read (a
 :class:`inventory.SummaryCache` lives as long as the page). The listing, and the page rendered
-for each Host header, are reused for the store's freshness window (at least one second), so a
-storm of refreshes costs one directory walk per window and no rendering.
+for each Host header, are reused for ``PAGE_SECONDS``, so a storm of refreshes costs one
+directory walk per second and no rendering.
 """
 
 from __future__ import annotations
@@ -31,10 +31,14 @@ from simple_oci_registry import __version__
 from simple_oci_registry.auth import BasicAuth
 from simple_oci_registry.config import Config
 from simple_oci_registry.inventory import ImageEntry, Listing, SummaryCache, human_size, list_images
+from simple_oci_registry.mirror import display_name
 
 __all__ = ["CatalogPage", "render_page"]
 
 # Pages kept per (Host, scheme): a client picks the Host header, so the cache must be bounded.
+# The page is for people: rebuilt at most once a second (indexing compressed archives for it
+# is costly), unlike /v2/ answers, which check the directory on every request.
+PAGE_SECONDS: Final = 1.0
 _MAX_CACHED_PAGES: Final = 16
 # Hosts as they may appear in an image reference: name or IPv4, or [IPv6], with a port.
 _HOST_RE: Final = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?"
@@ -189,7 +193,7 @@ def render_page(listing: Listing, host: str, *, secure: bool) -> str:
             "<th>Pull</th></tr></thead>")
         for name, entries in repositories:
             parts.append(f'<tbody id="{_e(name)}"><tr class="repo"><th colspan="6" '
-                         f'scope="rowgroup"><h2>{_e(name)}</h2></th></tr>')
+                         f'scope="rowgroup"><h2>{_e(display_name(name))}</h2></th></tr>')
             parts.extend(_row(entry, host) for entry in entries)
             parts.append("</tbody>")
         parts.append("</table>")
@@ -211,7 +215,7 @@ class CatalogPage:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._root = config.root
         self._allow_outside = config.allow_outside_symlinks
-        self._window = max(config.freshness_window, 1.0)
+        self._window = PAGE_SECONDS
         self._auth = auth
         self._clock = clock
         self._summaries = SummaryCache()  # touched only by the one build in flight

@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,11 +40,16 @@ from simple_oci_registry.config import DEFAULTS, Config
 from simple_oci_registry.inventory import (
     CheckProgress,
     ImageEntry,
+    ImageStatus,
     check_directory,
+    check_images,
     human_size,
     list_images,
+    read_references,
 )
 from simple_oci_registry.logs import ACCESS_LOGGER, AccessLogger, configure_logging
+from simple_oci_registry.pins import PinTable, pins_usable, serve_pins
+from simple_oci_registry.publish import PublishError, publish
 from simple_oci_registry.tls import ReloadingTLS
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -54,7 +60,7 @@ ENV_PREFIX: Final = "SOR_"
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 _QUICK_FAILURE_SECONDS: Final = 5.0
 _MAX_QUICK_FAILURES: Final = 5
-SUBCOMMANDS: Final = ("serve", "ls", "check")
+SUBCOMMANDS: Final = ("serve", "ls", "check", "publish")
 T = TypeVar("T")
 
 
@@ -191,10 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
          help="worker processes sharing the port (SO_REUSEPORT)")
     _add(serve, "--rescan-interval", default=DEFAULTS.rescan_interval,
          type=_non_negative(float), help="seconds between full rescans of known names")
-    _add(serve, "--freshness-window", default=DEFAULTS.freshness_window,
-         type=_non_negative(float),
-         help="seconds a name's checked archive list is trusted before it is stat'ed again "
-              "(0: check on every request)")
+    _add(serve, "--freshness-window", default=None, type=_non_negative(float),
+         help="retired and ignored: every request checks the directories it depends on by "
+              "stat, so the filesystem's attribute cache (NFS actimeo) sets the freshness")
+    _add(serve, "--grace-period", default=DEFAULTS.grace_period, type=_non_negative(float),
+         help="seconds a replaced or removed archive's manifests and blobs stay downloadable "
+              "by digest, so pulls that straddle a publish finish (0: none)")
     _add(serve, "--tls-cert", default=None, type=readable_file_arg,
          help="PEM certificate chain; with --tls-key serves HTTPS")
     _add(serve, "--tls-key", default=None, type=readable_file_arg, help="PEM private key")
@@ -225,7 +233,8 @@ def _add_inventory_commands(commands: Any) -> None:
     ls = commands.add_parser("ls", help="list every name:tag the directory serves")
     check = commands.add_parser(
         "check", help="validate every archive (structure, blob digests, duplicate tags); "
-                      "exit 1 on problems")
+                      "exit 1 on problems. With --images FILE: tell which image references "
+                      "the directory serves instead; exit 1 when any is missing")
     for parser in (ls, check):
         _add(parser, "--dir", default=DEFAULTS.directory, type=directory_arg,
              help="the image directory")
@@ -234,6 +243,16 @@ def _add_inventory_commands(commands: Any) -> None:
                   help="follow symlinks that resolve outside the image directory, as serve "
                        "does with the same flag")
     _add_bool(ls, "--full-digests", default=False, help="show digests untruncated")
+    publish = commands.add_parser(
+        "publish", help="validate an archive as check does, then copy it into the image "
+                        "directory atomically (temporary name, fsync, rename)")
+    publish.add_argument("source", help="the .oci archive to publish")
+    publish.add_argument("target", help="where it goes, e.g. DIR/NAME/TAG.oci")
+    check.add_argument("--images", metavar="FILE", default=None,
+                       help="image references, one per line or space-separated ('-' reads "
+                            "stdin), normalised as container runtimes do (nginx is "
+                            "docker.io/library/nginx:latest) and looked up where mirror mode "
+                            "keeps them; reports which are served, missing or malformed")
     env = _env_name("--progress")
     env_value = os.environ.get(env)
     check.add_argument("--progress", action=argparse.BooleanOptionalAction,
@@ -248,12 +267,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit("simple-oci-registry: --tls-cert and --tls-key go together")
     return Config(
         directory=args.dir, host=host, port=port, workers=max(1, args.workers),
-        rescan_interval=args.rescan_interval, freshness_window=args.freshness_window,
+        rescan_interval=args.rescan_interval,
         tls_cert=args.tls_cert, tls_key=args.tls_key, log_level=args.log_level,
         log_format=args.log_format, access_log=args.access_log,
         shutdown_timeout=args.shutdown_timeout, cache_dir=args.cache_dir,
         cache_max_bytes=args.cache_max_bytes, htpasswd=args.htpasswd,
-        max_connections=args.max_connections,
+        max_connections=args.max_connections, grace_period=args.grace_period,
         allow_outside_symlinks=args.allow_outside_symlinks)
 
 
@@ -307,6 +326,22 @@ def _worker(config: Config, port: int) -> None:
     asyncio.run(_serve_socket(config, sock))
 
 
+def _start_pin_service(table: PinTable) -> tuple[socket.socket, socket.socket]:
+    """A socket pair for one worker: the supervisor's end is served by a thread."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    threading.Thread(target=serve_pins, args=(table, ours), name="pins", daemon=True).start()
+    return ours, theirs
+
+
+def _sweep_pins(table: PinTable, interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        try:
+            table.sweep()
+        except Exception:  # keep sweeping whatever one pass hit
+            log.exception("pin sweep failed")
+
+
 def _supervise(config: Config, port: int) -> int:
     """Fork the workers and keep them running until told to stop.
 
@@ -316,24 +351,37 @@ def _supervise(config: Config, port: int) -> int:
     """
     children: dict[int, int] = {}
     started: dict[int, float] = {}
+    # The node's pins live here, in the one process that outlives every worker (pins.py).
+    table = PinTable(config.root, config.grace_period) if pins_usable() else None
+    if table is not None:
+        interval = max(1.0, min(config.grace_period, config.rescan_interval or 60.0) / 4)
+        threading.Thread(target=_sweep_pins, args=(table, interval), name="pin-sweep",
+                         daemon=True).start()
     signalled: set[int] = set()  # workers told to stop: their exit status is the shutdown's
     quick_failures = 0
     stopping = False
 
     def spawn(slot: int) -> None:
+        pair = _start_pin_service(table) if table is not None else None
         pid = os.fork()
         if pid == 0:  # the worker
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
             code = 0
+            worker_config = config
+            if pair is not None:
+                pair[0].detach()  # the supervisor's end: not this process's to use or close
+                worker_config = dataclasses.replace(config, pin_socket_fd=pair[1].detach())
             try:
-                _worker(config, port)
+                _worker(worker_config, port)
             except BaseException:
                 log.exception("worker failed")
                 code = 1
             # os._exit skips atexit: write out the buffered log lines (logs.LogOutput) first.
             logging.shutdown()
             os._exit(code)
+        if pair is not None:
+            pair[1].close()
         children[pid] = slot
         started[pid] = time.monotonic()
 
@@ -441,7 +489,7 @@ def _ls_row(entry: ImageEntry, full_digests: bool) -> list[str]:
     if not full_digests:
         algorithm, _, encoded = digest.partition(":")
         digest = f"{algorithm}:{encoded[:12]}"
-    return [entry.name, entry.tag if entry.tag is not None else "<none>", digest,
+    return [entry.upstream, entry.tag if entry.tag is not None else "<none>", digest,
             ",".join(entry.platforms) or "-", human_size(entry.size), entry.file]
 
 
@@ -468,7 +516,50 @@ def _print_progress(step: CheckProgress) -> None:
     print(f"[{step.index}/{step.total}] {step.file} {outcome}", file=sys.stderr, flush=True)
 
 
+def _read_images_file(name: str) -> str:
+    if name == "-":
+        return sys.stdin.read()
+    try:
+        return Path(name).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise SystemExit(f"simple-oci-registry: check --images: cannot read {name}: "
+                         f"{exc.strerror or exc}") from None
+
+
+def run_check_images(args: argparse.Namespace) -> int:
+    """``check --images FILE``: which references of a cluster the directory serves."""
+    references = read_references(_read_images_file(args.images))
+    results = check_images(os.path.realpath(args.dir), references,
+                           allow_outside=args.allow_outside_symlinks)
+    counts = {status: sum(1 for r in results if r.status is status) for status in ImageStatus}
+    ok = counts[ImageStatus.SERVED] == len(results)
+    if args.json:
+        print(json.dumps({"ok": ok, "images": [r.to_json() for r in results]}, indent=2))
+        return 0 if ok else 1
+    rows = [["STATUS", "IMAGE", "WRITTEN", "DETAIL"]]
+    for result in results:
+        detail = _short_digest(result.digest) if result.digest else result.reason
+        if result.status is ImageStatus.MISSING:
+            detail += f" (looked under {result.repository}/)"
+        shown = result.reference or result.written
+        rows.append([str(result.status), shown,
+                     result.written if result.written != shown else "", detail])
+    if results:
+        for line in _table(rows):
+            print(line)
+    summary = ", ".join(f"{counts[s]} {s}" for s in ImageStatus)
+    print(f"{len(results)} image reference{'s' if len(results) != 1 else ''}: {summary}")
+    return 0 if ok else 1
+
+
+def _short_digest(digest: str) -> str:
+    algorithm, _, encoded = digest.partition(":")
+    return f"{algorithm}:{encoded[:12]}"
+
+
 def run_check(args: argparse.Namespace) -> int:
+    if args.images is not None:
+        return run_check_images(args)
     show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
     started = time.monotonic()
     report = check_directory(os.path.realpath(args.dir),
@@ -487,6 +578,20 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def run_publish(args: argparse.Namespace) -> int:
+    try:
+        done = publish(args.source, args.target)
+    except PublishError as exc:
+        print(f"simple-oci-registry publish: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"simple-oci-registry publish: {exc.filename or args.target}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(f"published {done.target} ({human_size(done.size)})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if not args_list or (args_list[0] not in SUBCOMMANDS
@@ -494,10 +599,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         args_list.insert(0, "serve")  # the original took "--dir" with no subcommand
     args = build_parser().parse_args(args_list)
     if args.command == "serve":
-        return serve(config_from_args(args))
+        config = config_from_args(args)
+        if args.freshness_window is not None:
+            # Retired, not refused: a DaemonSet written for an older version keeps starting.
+            configure_logging(config.log_level, config.log_format)
+            log.warning("--freshness-window is ignored: every request checks the directory by "
+                        "stat, and NFS actimeo sets how fresh that is")
+        return serve(config)
     if args.command == "ls":
         return run_ls(args)
     if args.command == "check":
         return run_check(args)
+    if args.command == "publish":
+        return run_publish(args)
     build_parser().print_help()
     return 2

@@ -17,13 +17,13 @@ class Defaults:
     directory: str = "./images"
     listen: str = "0.0.0.0:5000"
     rescan_interval: float = 600.0
-    freshness_window: float = 1.0
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     cache_dir: str = "/var/cache/simple-oci-registry"
     cache_max_bytes: int = 10 << 30
     shutdown_timeout: float = 25.0
     max_connections: int = 4096
+    grace_period: float = 300.0
 
 
 DEFAULTS: Final = Defaults()
@@ -37,9 +37,6 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 5000
     rescan_interval: float = DEFAULTS.rescan_interval
-    # How long a name's candidate files, once checked, are trusted without another stat. 0 means
-    # every request re-checks; the default coalesces checks to one per name per second.
-    freshness_window: float = DEFAULTS.freshness_window
     tls_cert: Path | None = None
     tls_key: Path | None = None
     log_level: str = DEFAULTS.log_level
@@ -52,6 +49,10 @@ class Config:
     htpasswd: Path | None = None
     shutdown_timeout: float = DEFAULTS.shutdown_timeout
     max_connections: int = DEFAULTS.max_connections
+    # How long a replaced or removed archive's digests stay downloadable (pins.py).
+    grace_period: float = DEFAULTS.grace_period
+    # The worker's end of its socket pair to the supervisor's pin table (None: one process).
+    pin_socket_fd: int | None = None
 
     @property
     def root(self) -> str:

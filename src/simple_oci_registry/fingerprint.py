@@ -9,10 +9,14 @@ still changes ctime (POSIX: write and utime both update st_ctime).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import struct
 from dataclasses import dataclass
+from typing import Final
 
-__all__ = ["Fingerprint"]
+__all__ = ["Fingerprint", "fresh_stat"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +55,59 @@ class Fingerprint:
     @classmethod
     def of_fd(cls, fd: int) -> Fingerprint:
         return cls.of(os.fstat(fd))
+
+
+# statx(2): AT_STATX_FORCE_SYNC makes a network filesystem fetch the attributes from the server
+# (NFS: a GETATTR; FUSE: a getattr request) instead of answering from its attribute cache.
+_AT_FDCWD: Final = -100
+_AT_STATX_FORCE_SYNC: Final = 0x2000
+_STATX_BASIC_STATS: Final = 0x7FF
+_STATX_SIZE: Final = 256
+_HEAD: Final = struct.Struct("<IIQIIIH")  # mask, blksize, attributes, nlink, uid, gid, mode
+_IDS: Final = struct.Struct("<QQ")  # at offset 32: ino, size
+_TIME: Final = struct.Struct("<qI")  # statx_timestamp: seconds, nanoseconds
+_DEV: Final = struct.Struct("<II")  # at offset 136: dev major, minor
+
+
+class _Statx:
+    """glibc's statx wrapper through ctypes (os.statx arrives only in Python 3.14)."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._call = getattr(libc, "statx", None)
+
+    def fresh(self, path: str) -> tuple[Fingerprint, int] | None:
+        """(fingerprint, st_mode) revalidated with the server, or None where statx is not
+        available (then the caller falls back to a plain stat)."""
+        if self._call is None:
+            return None
+        buffer = ctypes.create_string_buffer(_STATX_SIZE)
+        if self._call(_AT_FDCWD, os.fsencode(path), _AT_STATX_FORCE_SYNC, _STATX_BASIC_STATS,
+                      buffer) != 0:
+            error = ctypes.get_errno()
+            if error == errno.ENOSYS:
+                return None
+            raise OSError(error, os.strerror(error), path)
+        raw = buffer.raw
+        _, _, _, nlink, _, _, mode = _HEAD.unpack_from(raw, 0)
+        inode, size = _IDS.unpack_from(raw, 32)
+        ctime_s, ctime_ns = _TIME.unpack_from(raw, 64 + 16 * 2)
+        mtime_s, mtime_ns = _TIME.unpack_from(raw, 64 + 16 * 3)
+        major, minor = _DEV.unpack_from(raw, 136)
+        return Fingerprint(os.makedev(major, minor), inode, size,
+                           mtime_s * 10**9 + mtime_ns, ctime_s * 10**9 + ctime_ns,
+                           nlink), mode
+
+
+_STATX: Final = _Statx()
+
+
+def fresh_stat(path: str) -> tuple[Fingerprint, int]:
+    """Fingerprint and mode of ``path`` as the file server sees it now, bypassing the NFS
+    attribute cache (``statx`` with ``AT_STATX_FORCE_SYNC``; a plain ``stat`` where the call
+    is missing). Raises OSError like ``os.stat``."""
+    got = _STATX.fresh(path)
+    if got is not None:
+        return got
+    st = os.stat(path)
+    return Fingerprint.of(st), st.st_mode

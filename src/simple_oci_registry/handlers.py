@@ -23,6 +23,7 @@ from simple_oci_registry.headers import (
 )
 from simple_oci_registry.layout import ManifestRecord
 from simple_oci_registry.logs import CUT_SHORT
+from simple_oci_registry.mirror import repository_name
 from simple_oci_registry.ranges import parse_range
 from simple_oci_registry.reference import parse_digest, parse_reference, validate_name
 from simple_oci_registry.routes import Endpoint, Route
@@ -86,7 +87,7 @@ class Handlers:
         if route.endpoint is Endpoint.CATALOG:
             names = await self._store.catalog()
             return _page(request, names, "/v2/_catalog", "repositories", {})
-        name = validate_name(route.name)
+        name = self._repository(request, route)
         if route.endpoint is Endpoint.MANIFEST:
             return await self.manifest(request, name, route.argument)
         if route.endpoint is Endpoint.BLOB:
@@ -97,6 +98,19 @@ class Handlers:
         if route.endpoint is Endpoint.REFERRERS:
             return await self.referrers(request, name, route.argument)
         raise RegistryError(ErrorCode.NOT_FOUND)
+
+    @staticmethod
+    def _repository(request: web.BaseRequest, route: Route) -> str:
+        """The repository the request means: its path name, mapped by :mod:`mirror` when the
+        path or containerd's ``ns`` parameter names an upstream registry."""
+        name = validate_name(route.name)
+        if not request.query_string:  # the common case, without parsing a query
+            return repository_name(name, None)
+        ns_values = request.query.getall("ns", [])
+        if len(ns_values) > 1:
+            raise RegistryError(ErrorCode.NAME_INVALID, {"ns": [v[:100] for v in ns_values]},
+                                message="invalid ns parameter: given more than once")
+        return repository_name(name, ns_values[0] if ns_values else None)
 
     async def manifest(self, request: web.BaseRequest, name: str, reference: str) -> web.Response:
         record = await self._store.manifest(name, parse_reference(reference))

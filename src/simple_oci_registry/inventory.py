@@ -15,6 +15,7 @@ Everything here blocks (directory walks, reads, hashing): async callers use a wo
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 import hashlib
@@ -22,6 +23,7 @@ import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from simple_oci_registry.archive import (
@@ -31,6 +33,8 @@ from simple_oci_registry.archive import (
     StaleArchiveError,
     open_archive,
 )
+from simple_oci_registry.config import Config
+from simple_oci_registry.errors import RegistryError
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.layout import (
     MAX_MANIFEST_BYTES,
@@ -38,10 +42,13 @@ from simple_oci_registry.layout import (
     ManifestRecord,
     load_layout,
 )
+from simple_oci_registry.mirror import display_name, host_folder_names, repository_of
+from simple_oci_registry.reference import InvalidReference, parse_image_reference, valid_tag
 from simple_oci_registry.resolver import (
     SUFFIX,
     Candidate,
     Pattern,
+    fingerprint_of,
     list_candidates,
     ordered,
     walk_names,
@@ -49,12 +56,14 @@ from simple_oci_registry.resolver import (
 
 # The store's tag rule, imported rather than restated so that ls, check and the catalog page
 # cannot disagree with what the server answers for name:tag.
-from simple_oci_registry.store import _implicit_tag, _tag_in
+from simple_oci_registry.store import ImageStore, _implicit_tag, _tag_in
 
 __all__ = [
     "ArchiveSummary",
     "CheckProgress",
     "CheckReport",
+    "ImageCheck",
+    "ImageStatus",
     "ImageEntry",
     "Listing",
     "ManifestSummary",
@@ -62,8 +71,10 @@ __all__ = [
     "ProblemKind",
     "SummaryCache",
     "check_directory",
+    "check_images",
     "human_size",
     "list_images",
+    "read_references",
     "summarize",
 ]
 
@@ -140,6 +151,12 @@ class ImageEntry:
     modified_ns: int
 
     @property
+    def upstream(self) -> str:
+        """The name as users write it in image references (``localhost:5000/app`` for the
+        folder ``localhost_5000/app``); see :func:`mirror.display_name`."""
+        return display_name(self.name)
+
+    @property
     def reference(self) -> str:
         """What a client appends to the registry host to pull this entry."""
         return f"{self.name}:{self.tag}" if self.tag is not None else f"{self.name}@{self.digest}"
@@ -149,9 +166,9 @@ class ImageEntry:
         return dt.datetime.fromtimestamp(self.modified_ns / 1e9, dt.UTC)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "tag": self.tag, "digest": self.digest,
-                "mediaType": self.media_type, "platforms": list(self.platforms),
-                "size": self.size, "file": self.file,
+        return {"name": self.name, "upstream": self.upstream, "tag": self.tag,
+                "digest": self.digest, "mediaType": self.media_type,
+                "platforms": list(self.platforms), "size": self.size, "file": self.file,
                 "modified": self.modified.isoformat(timespec="seconds").replace("+00:00", "Z")}
 
 
@@ -357,13 +374,18 @@ class SummaryCache:
     def summary(self, root: str, candidates: Sequence[Candidate]) -> ArchiveSummary:
         """The summary of the one file ``candidates`` (all for the same path) point at."""
         first = candidates[0]
+        try:
+            fingerprint: Fingerprint | None = fingerprint_of(first.path)
+        except OSError:
+            fingerprint = None  # vanished since listed: opening it says why
         held = self._entries.get(first.path)
-        if held is not None and held[0] == first.fingerprint and (
+        if held is not None and fingerprint is not None and held[0] == fingerprint and (
                 not held[1].servable
                 or all((c.pattern, c.stem) in held[1].tags for c in candidates)):
             return held[1]
         summary = _open(root, first.path, candidates, self._limits).summary
-        self._entries[first.path] = (first.fingerprint, summary)
+        if fingerprint is not None:
+            self._entries[first.path] = (fingerprint, summary)
         return summary
 
     def retain(self, paths: Iterable[str]) -> None:
@@ -378,7 +400,11 @@ class SummaryCache:
 
 def _candidates_by_name(root: str, allow_outside: bool) -> dict[str, tuple[Candidate, ...]]:
     names: dict[str, tuple[Candidate, ...]] = {}
-    for name in walk_names(root, allow_outside=allow_outside):
+    walked = walk_names(root, allow_outside=allow_outside)
+    hidden = host_folder_names(walked)
+    for name in walked:
+        if name in hidden:
+            continue
         candidates = list_candidates(root, name, allow_outside=allow_outside)
         if candidates:
             names[name] = candidates
@@ -433,7 +459,10 @@ def _resolve(names: Mapping[str, tuple[Candidate, ...]],
                   and not (c.pattern is Pattern.WHOLE and c.path in tag_files)]
         tag_maps = {c.path: summaries[c.path].tags.get((c.pattern, c.stem), {}) for c in usable}
         tagged: set[str] = set()
-        for tag in sorted({t for tags in tag_maps.values() for t in tags}):
+        # A file's implicit tag comes from its name: "coredns:v1.11.1.oci" in a folder would
+        # give the folder a tag "coredns:v1.11.1" that no request can name (the grammar refuses
+        # it before the store is asked), so it is not listed as pullable.
+        for tag in sorted({t for tags in tag_maps.values() for t in tags if valid_tag(t)}):
             holders = [c for c in ordered(usable, tag) if tag in tag_maps[c.path]]
             served = summaries[holders[0].path]
             digest = tag_maps[served.path][tag]
@@ -600,3 +629,108 @@ def check_directory(root: str, *, allow_outside: bool = False,
             progress(CheckProgress(index, len(files), opened.summary.file, len(found)))
     _, conflicts = _resolve(names, summaries)
     return CheckReport(len(files), blobs, hashed, tuple(problems + conflicts))
+
+
+def check_archive(path: str, *, limits: ArchiveLimits | None = None) -> list[Problem]:
+    """Validate one archive as :func:`check_directory` validates each (structure and every
+    blob digest), wherever it lies: the producer's side of publishing."""
+    path = os.path.realpath(path)
+    opened = _open(os.path.dirname(path), path, [], limits or ArchiveLimits())
+    problems = list(opened.summary.problems)
+    if opened.archive is not None:
+        problems += _hash_blobs(opened.archive, _blob_members(opened.archive, opened.layout),
+                                opened.summary.file, problems).problems
+    return problems
+
+
+# ---------------------------------------------------------------------------- check --images
+
+
+class ImageStatus(enum.StrEnum):
+    """What the directory can do for one image reference a cluster uses."""
+
+    SERVED = "served"
+    MISSING = "missing"
+    MALFORMED = "malformed"
+
+
+@dataclass(frozen=True, slots=True)
+class ImageCheck:
+    """One reference as written, normalised as runtimes do, and the directory's answer."""
+
+    written: str
+    status: ImageStatus
+    reference: str = ""  # normalised: docker.io/library/nginx:1.25
+    repository: str = ""  # the name it is served under (path form): docker.io/library/nginx
+    digest: str = ""  # the manifest or index a pull gets, when served
+    reason: str = ""  # why it is missing or malformed
+
+    def to_json(self) -> dict[str, Any]:
+        return {"written": self.written, "status": str(self.status),
+                "reference": self.reference or None, "repository": self.repository or None,
+                "digest": self.digest or None, "reason": self.reason or None}
+
+
+def read_references(text: str) -> list[str]:
+    """Image references from ``text``: one per line as ``kubectl get pods -o jsonpath``
+    prints them with a newline per image, or separated by spaces as ``{..image}`` prints
+    them. ``#`` starts a comment; repeats are kept once, in first-seen order."""
+    found: dict[str, None] = {}
+    for line in text.splitlines():
+        for word in line.partition("#")[0].split():
+            found.setdefault(word, None)
+    return list(found)
+
+
+def _missing_reason(error: RegistryError) -> str:
+    detail = error.detail if isinstance(error.detail, Mapping) else {}
+    extra = [str(item) for key in ("unservable", "rejected") for item in detail.get(key, ())]
+    return "; ".join([error.message, *extra])
+
+
+async def _check_images(config: Config, references: Sequence[str]) -> list[ImageCheck]:
+    store = ImageStore(config)
+    try:
+        return await _check_each(store, references)
+    finally:
+        store.close()
+
+
+async def _check_each(store: ImageStore, references: Sequence[str]) -> list[ImageCheck]:
+    results: list[ImageCheck] = []
+    seen: set[str] = set()
+    for written in references:
+        try:
+            reference = parse_image_reference(written)
+        except InvalidReference as exc:
+            results.append(ImageCheck(written, ImageStatus.MALFORMED, reason=str(exc)))
+            continue
+        if str(reference) in seen:
+            continue  # kubectl's {..image} lists spec and status forms of the same image
+        seen.add(str(reference))
+        repository = repository_of(reference)
+        wanted = reference.digest if reference.digest is not None else reference.tag
+        assert wanted is not None  # parse_image_reference sets one of them
+        try:
+            record = await store.manifest(repository, wanted)
+        except RegistryError as error:
+            results.append(ImageCheck(written, ImageStatus.MISSING, str(reference), repository,
+                                      reason=_missing_reason(error)))
+            continue
+        results.append(ImageCheck(written, ImageStatus.SERVED, str(reference), repository,
+                                  record.digest))
+    return results
+
+
+def check_images(root: str, references: Sequence[str], *,
+                 allow_outside: bool = False) -> tuple[ImageCheck, ...]:
+    """Which of ``references`` the directory serves, answered by the server's own store (so a
+    reference counts as served exactly when a node's pull of its manifest would succeed).
+    References that normalise to one already checked are reported once.
+
+    References are normalised as container runtimes do and looked up where mirror mode
+    keeps them (``nginx`` under ``docker.io/library/nginx``); see :mod:`mirror`.
+    """
+    config = Config(directory=Path(root), grace_period=0, cache_dir=None,
+                    allow_outside_symlinks=allow_outside)
+    return tuple(asyncio.run(_check_images(config, references)))

@@ -63,6 +63,21 @@ class Metrics:
         self.rescans = Counter("registry_rescans", "Periodic full rescans run", registry=reg)
         self.verified_bytes = Counter("registry_blob_verified_bytes",
                                       "Blob bytes hashed to check their digest", registry=reg)
+        self.cache_bytes = Gauge(
+            "registry_blob_cache_bytes", "Bytes of blobs in the node's blob cache, as of the "
+            "last eviction pass", multiprocess_mode="max", registry=reg)
+        self.cache_max_bytes = Gauge(
+            "registry_blob_cache_max_bytes", "The blob cache's bound (--cache-max-bytes)",
+            multiprocess_mode="max", registry=reg)
+        self.grace_hits = Counter(
+            "registry_grace_hits", "Digests served from archives replaced or removed within "
+            "the grace period", registry=reg)
+        self.listings_read = Counter(
+            "registry_directory_listings_read", "Directory listings read because the "
+            "directory changed (or was seen for the first time)", registry=reg)
+        self.directory_stats = Counter(
+            "registry_directory_stat_calls", "stat/fstat calls made to check that directories "
+            "and archives are unchanged", registry=reg)
         self.cache_entries = Gauge("registry_cache_entries", "Entries in the store's caches",
                                    ["cache"], multiprocess_mode="livesum", registry=reg)
         self.decompressions = Counter(
@@ -80,6 +95,7 @@ class Metrics:
             registry=reg)
         self._synced = StoreStats()
         self._synced_dropped = 0
+        self._synced_dir = (0, 0)
         self._synced_cache = CacheStats()
         # (endpoint, method, status) -> label children. Bounded: endpoint comes from a fixed
         # set, method is folded onto one (see observe), status from HTTP.
@@ -115,11 +131,15 @@ class Metrics:
             (self.archive_errors, now.archive_errors, last.archive_errors),
             (self.rescans, now.rescans, last.rescans),
             (self.verified_bytes, now.verified_bytes, last.verified_bytes),
+            (self.grace_hits, now.grace_hits, last.grace_hits),
+            (self.listings_read, store.directory.listings_read, self._synced_dir[0]),
+            (self.directory_stats, store.directory.stats_calls, self._synced_dir[1]),
         ))
         self._synced = dataclasses.replace(now)
         dropped = dropped_lines()
         _add_deltas(((self.log_lines_dropped, dropped, self._synced_dropped),))
         self._synced_dropped = dropped
+        self._synced_dir = (store.directory.listings_read, store.directory.stats_calls)
         if store.cache is not None:
             blobs, seen = store.cache.stats, self._synced_cache
             _add_deltas((
@@ -129,6 +149,8 @@ class Metrics:
                 (self.cache_evictions, blobs.evictions, seen.evictions),
             ))
             self._synced_cache = dataclasses.replace(blobs)
+            self.cache_bytes.set(blobs.size_bytes)
+            self.cache_max_bytes.set(store.cache.max_bytes)
         for cache, size in store.snapshot().items():
             self.cache_entries.labels(cache).set(size)
 

@@ -15,10 +15,17 @@ from typing import Final
 from simple_oci_registry.errors import ErrorCode, RegistryError
 
 __all__ = [
+    "DOCKER_HUB",
+    "DOCKER_HUB_ALIASES",
     "Digest",
+    "Host",
+    "ImageReference",
+    "InvalidReference",
     "MAX_NAME_LENGTH",
     "is_digest",
     "parse_digest",
+    "parse_host",
+    "parse_image_reference",
     "parse_reference",
     "tag_of_ref_name",
     "valid_name",
@@ -38,6 +45,17 @@ _ENCODED_RE: Final = {
     "sha512": re.compile(r"[a-f0-9]{128}"),
 }
 MAX_NAME_LENGTH: Final = 255
+# distribution/reference (regexp.go): a registry host in an image reference is a domain name,
+# an IPv4 address or a bracketed IPv6 address, with an optional port.
+_HOST_COMPONENT: Final = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST_RE: Final = re.compile(
+    rf"(?P<host>{_HOST_COMPONENT}(?:\.{_HOST_COMPONENT})*|\[[a-fA-F0-9:]+\])"
+    r"(?::(?P<port>[0-9]{1,5}))?")
+MAX_HOST_LENGTH: Final = 255
+DOCKER_HUB: Final = "docker.io"
+# Names under which Docker Hub is reached; all mean docker.io (distribution's normalize.go maps
+# index.docker.io, containerd treats registry-1.docker.io as docker.io for its ns hint).
+DOCKER_HUB_ALIASES: Final = frozenset({DOCKER_HUB, "index.docker.io", "registry-1.docker.io"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,3 +135,110 @@ def tag_of_ref_name(ref_name: str) -> str | None:
     else:
         candidate = ref_name
     return candidate if valid_tag(candidate) else None
+
+
+class InvalidReference(ValueError):
+    """An image reference or registry host that breaks the grammar; the message says how."""
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """A registry host as written in image references: lower-cased, Docker Hub's aliases
+    folded into ``docker.io``."""
+
+    name: str
+    port: int | None = None
+
+    def __str__(self) -> str:
+        return self.name if self.port is None else f"{self.name}:{self.port}"
+
+
+def parse_host(text: str) -> Host:
+    """Parse ``host[:port]`` by the reference grammar, or raise :class:`InvalidReference`.
+
+    Host names are case-insensitive (RFC 4343), so they are lower-cased; IPv6 literals are
+    refused because they cannot be a folder name in the image directory.
+    """
+    if not text:
+        raise InvalidReference("empty registry host")
+    if len(text) > MAX_HOST_LENGTH:
+        raise InvalidReference(f"registry host longer than {MAX_HOST_LENGTH} characters")
+    match = _HOST_RE.fullmatch(text)
+    if match is None:
+        raise InvalidReference(f"not a registry host[:port]: {text[:100]!r}")
+    host = match["host"].lower()
+    if host.startswith("["):
+        raise InvalidReference("IPv6 registry hosts have no folder in the image directory")
+    port = int(match["port"]) if match["port"] is not None else None
+    if port is not None and not 0 < port < 65536:
+        raise InvalidReference(f"port out of range: {port}")
+    if host in DOCKER_HUB_ALIASES and port is None:
+        host = DOCKER_HUB
+    return Host(host, port)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageReference:
+    """An image reference normalised the way container runtimes do it (distribution's
+    ``ParseDockerRef``): ``nginx`` is ``docker.io/library/nginx:latest``, and a reference with
+    a digest is pulled by the digest alone (a tag beside it is dropped, as CRI does)."""
+
+    host: Host
+    path: str  # "library/nginx"
+    tag: str | None
+    digest: Digest | None
+
+    @property
+    def name(self) -> str:
+        """The fully qualified repository name, ``docker.io/library/nginx``."""
+        return f"{self.host}/{self.path}"
+
+    def __str__(self) -> str:
+        if self.digest is not None:
+            return f"{self.name}@{self.digest}"
+        return f"{self.name}:{self.tag}"
+
+
+def _looks_like_host(component: str) -> bool:
+    # distribution/reference normalize.go splitDockerDomain: the first component names a
+    # registry only when it has a dot or a port, is "localhost", or has upper-case letters.
+    return ("." in component or ":" in component or component == "localhost"
+            or component != component.lower())
+
+
+def parse_image_reference(text: str) -> ImageReference:
+    """Normalise ``text`` (``nginx``, ``quay.io/a/b:v1``, ``x@sha256:…``) or raise
+    :class:`InvalidReference` saying what is wrong with it."""
+    if not text or len(text) > 1024:
+        raise InvalidReference("empty or over-long reference")
+    remainder, at, digest_text = text.partition("@")
+    digest: Digest | None = None
+    if at:
+        try:
+            digest = parse_digest(digest_text)
+        except RegistryError:
+            raise InvalidReference(f"invalid digest: {digest_text[:100]!r}") from None
+    first, slash, rest = remainder.partition("/")
+    if slash and _looks_like_host(first):
+        host = parse_host(first)
+    else:
+        host, rest = Host(DOCKER_HUB), remainder
+    path, tag = rest, None
+    last_slash = rest.rfind("/")
+    colon = rest.rfind(":")
+    if colon > last_slash:
+        path, tag = rest[:colon], rest[colon + 1:]
+        if not valid_tag(tag):
+            raise InvalidReference(f"invalid tag: {tag[:100]!r}")
+    if host.name == DOCKER_HUB and host.port is None and "/" not in path:
+        path = f"library/{path}"  # Docker Hub's official images live under library/
+    if not path or _NAME_RE.fullmatch(path) is None:
+        raise InvalidReference(f"invalid repository path: {path[:100]!r} (lower-case letters, "
+                             "digits and separators only)")
+    if len(str(host)) + 1 + len(path) > MAX_NAME_LENGTH:
+        raise InvalidReference(f"name longer than {MAX_NAME_LENGTH} characters")
+    if digest is not None:
+        tag = None  # CRI pulls name:tag@digest by the digest alone
+    elif tag is None:
+        tag = "latest"
+    return ImageReference(host, path, tag, digest)

@@ -9,34 +9,30 @@ Relative to the image directory, for ``<name>:<reference>``::
     ├── <name>:*.oci                4. any other "<name>:…" archive beside it
     └── <name>.oci                  5. one archive for the whole name
 
-A name's candidates (patterns 2, 4 and 5 cover 1 and 3) are listed with two directory reads,
-never with glob: names come from requests, and although :mod:`reference` already rejects every
-glob metacharacter, listing and filtering by plain string comparison leaves nothing to escape.
-Hidden entries are skipped, and a candidate that resolves outside the image directory (a symlink
-pointing elsewhere) is refused unless the operator allows it.
-
-Everything here blocks: callers run it in a worker thread.
+A name's candidates (patterns 2, 4 and 5 cover 1 and 3) come from two directory listings (the
+name's own folder and its parent, see :mod:`directory`), never from glob: names come from
+requests, and although :mod:`reference` already rejects every glob metacharacter, filtering by
+plain string comparison leaves nothing to escape. The functions here are pure over listings,
+except :func:`list_candidates` and :func:`walk_names`, which read the directory (blocking) for the
+command-line tools.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import logging
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Final
 
+from simple_oci_registry.directory import SUFFIX, Entry, Listing, read_listing
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.reference import valid_name
 
-__all__ = ["Candidate", "Pattern", "list_candidates", "ordered", "walk_names"]
-
-log = logging.getLogger(__name__)
-
-SUFFIX: Final = ".oci"
+__all__ = ["SUFFIX", "Candidate", "Pattern", "fingerprint_of", "list_candidates", "names_in",
+           "ordered", "own_candidates", "parent_candidates", "serves", "split_name",
+           "walk_names"]
 
 
 class Pattern(enum.IntEnum):
@@ -49,26 +45,21 @@ class Pattern(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """One archive a name may resolve to, with the fingerprint it had when listed."""
+    """One archive a name may resolve to, as its directory listing shows it."""
 
     path: str
     pattern: Pattern
     stem: str  # the "<reference>" part of the file name ("" for <name>.oci)
-    fingerprint: Fingerprint
+    inode: int  # from the listing: a different inode at the same path is another file
+    is_dir: bool = False  # an OCI layout directory named like an archive
 
 
-def _inside(root: str, path: str) -> bool:
-    real = os.path.realpath(path)
-    return real == root or real.startswith(root + os.sep)
-
-
-def _fingerprint(path: str) -> Fingerprint:
-    """The fingerprint the store compares with the indexed archive's.
+def fingerprint_of(path: str) -> Fingerprint:
+    """The fingerprint an indexed archive at ``path`` is compared with.
 
     A layout directory is identified by its ``index.json``, exactly as
     :class:`~simple_oci_registry.archive.DirectoryArchive` identifies it (tools rewrite
-    index.json on every change); the directory's own stat would never match it, and the layout
-    would be indexed again on every request.
+    index.json on every change); the directory's own stat would never match it.
     """
     st = os.stat(path)
     if stat.S_ISDIR(st.st_mode):
@@ -77,55 +68,55 @@ def _fingerprint(path: str) -> Fingerprint:
     return Fingerprint.of(st)
 
 
-def _entries(directory: str) -> Iterator[os.DirEntry[str]]:
-    try:
-        with os.scandir(directory) as it:
-            yield from it
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    except OSError as exc:
-        # EACCES (lost+found, another team's directory), ELOOP (a symlink loop), EIO/ESTALE
-        # from NFS: nothing there can be served, but the name's other candidates still can.
-        log.warning("cannot list %s: %s", directory, exc.strerror or exc)
+def split_name(root: str, name: str) -> tuple[str, str, str]:
+    """``(name directory, parent directory, base)``: where patterns 1-2 and 3-5 look."""
+    name_dir = os.path.join(root, name)
+    parent, base = os.path.split(name_dir)
+    return name_dir, parent, base
+
+
+def own_candidates(name_listing: Listing) -> list[Candidate]:
+    """Patterns 1 and 2: every archive in the name's own directory, sorted."""
+    return [_candidate(e, Pattern.IN_DIRECTORY, e.name[: -len(SUFFIX)])
+            for e in name_listing.archives]
+
+
+def parent_candidates(parent_listing: Listing, base: str) -> list[Candidate]:
+    """Patterns 3-5: ``<base>:*.oci`` sorted, then ``<base>.oci``, beside the name."""
+    found = [_candidate(e, Pattern.BESIDE, e.name[len(base) + 1: -len(SUFFIX)])
+             for e in parent_listing.beside.get(base, ())]
+    whole = parent_listing.whole.get(base)
+    if whole is not None:
+        found.append(_candidate(whole, Pattern.WHOLE, ""))
+    return found
+
+
+def _candidate(entry: Entry, pattern: Pattern, stem: str) -> Candidate:
+    return Candidate(entry.path, pattern, stem, entry.inode, entry.is_dir)
+
+
+def serves(root: str, name: str, path: str) -> bool:
+    """Would an archive at ``path`` be one of ``name``'s candidates (by its name alone)?"""
+    name_dir, parent, base = split_name(root, name)
+    directory, file_name = os.path.split(path)
+    if not file_name.endswith(SUFFIX):
+        return False
+    if directory == name_dir:
+        return True
+    return directory == parent and (file_name == base + SUFFIX
+                                    or file_name.startswith(base + ":"))
 
 
 def list_candidates(root: str, name: str, *, allow_outside: bool = False) -> tuple[Candidate, ...]:
-    """Every archive ``name`` may resolve to, in patterns 2, 4, 5 order, each group sorted.
+    """Every archive ``name`` may resolve to, in patterns 2, 4, 5 order (blocking: two
+    directory reads, for the command-line tools).
 
     ``root`` must be absolute and symlink-resolved; ``name`` must already be validated.
     """
-    found: list[Candidate] = []
-    name_dir = os.path.join(root, name)
-    parent, base = os.path.split(name_dir)
-
-    def consider(entry: os.DirEntry[str], pattern: Pattern, stem: str) -> None:
-        if not allow_outside and not _inside(root, entry.path):
-            log.warning("refusing %s: it resolves outside the image directory", entry.path)
-            return
-        try:
-            fingerprint = _fingerprint(entry.path)
-        except OSError:
-            return  # vanished between listing and stat, or a dangling link
-        found.append(Candidate(entry.path, pattern, stem, fingerprint))
-
-    for entry in sorted(_entries(name_dir), key=lambda e: e.name):
-        if entry.name.endswith(SUFFIX) and not entry.name.startswith("."):
-            consider(entry, Pattern.IN_DIRECTORY, entry.name[: -len(SUFFIX)])
-    beside: list[os.DirEntry[str]] = []
-    whole: os.DirEntry[str] | None = None
-    prefix = base + ":"
-    for entry in _entries(parent):
-        if not entry.name.endswith(SUFFIX):
-            continue
-        if entry.name.startswith(prefix):
-            beside.append(entry)
-        elif entry.name == base + SUFFIX:
-            whole = entry
-    for entry in sorted(beside, key=lambda e: e.name):
-        consider(entry, Pattern.BESIDE, entry.name[len(prefix): -len(SUFFIX)])
-    if whole is not None:
-        consider(whole, Pattern.WHOLE, "")
-    return tuple(found)
+    name_dir, parent, base = split_name(root, name)
+    own = own_candidates(read_listing(name_dir, root, allow_outside=allow_outside))
+    beside = parent_candidates(read_listing(parent, root, allow_outside=allow_outside), base)
+    return tuple(own + beside)
 
 
 def ordered(candidates: Sequence[Candidate], reference: str | None) -> list[Candidate]:
@@ -141,45 +132,45 @@ def ordered(candidates: Sequence[Candidate], reference: str | None) -> list[Cand
     return sorted(candidates, key=rank)
 
 
-def walk_names(root: str, *, allow_outside: bool = False) -> list[str]:
-    """Every repository name some archive in ``root`` can be pulled as (for ``/v2/_catalog``).
+def names_in(listing: Listing, rel_dir: str, tag_files: Collection[str] = ()) -> set[str]:
+    """The repository names one directory's archives can be pulled as.
 
     A file ``a/b/c.oci`` serves two names: ``a/b`` (pattern 2) and ``a/b/c`` (pattern 5);
-    ``a/x:1.oci`` serves ``a`` (pattern 2) and ``a/x`` (pattern 4). Hidden entries, invalid
-    names and (unless allowed) archives resolving outside ``root`` are skipped, exactly as
-    :func:`list_candidates` skips them.
+    ``a/x:1.oci`` serves ``a`` (pattern 2) and ``a/x`` (pattern 4). Invalid names are left out.
+    ``tag_files`` are entries known to serve ``<dir>:<stem>`` (``busybox/1.36.oci``): they
+    count for their directory's name only, not for the alias ``busybox/1.36`` that pattern 5
+    also makes pullable, since nobody means that alias.
     """
     names: set[str] = set()
-    seen: set[tuple[int, int]] = set()  # directories visited, by (device, inode)
-    for directory, dirnames, filenames in os.walk(root, followlinks=allow_outside):
-        try:
-            st = os.stat(directory)
-        except OSError:
-            dirnames[:] = []
-            continue
-        if (st.st_dev, st.st_ino) in seen:
-            # Following symlinks (--allow-outside-symlinks), a link to an ancestor would make
-            # the walk endless; each directory is listed once.
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.endswith(SUFFIX)]
-        rel_dir = os.path.relpath(directory, root)
-        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
-        archives = [f for f in filenames if f.endswith(SUFFIX) and not f.startswith(".")]
-        # Layout directories named like archives count as archives.
-        archives += [d for d in os.listdir(directory)
-                     if d.endswith(SUFFIX) and not d.startswith(".")
-                     and os.path.isdir(os.path.join(directory, d))]
-        for file_name in archives:
-            # The same refusal as list_candidates, so the catalog lists only servable names.
-            if not allow_outside and not _inside(root, os.path.join(directory, file_name)):
+    for entry in listing.archives:
+        if rel_dir:
+            names.add(rel_dir)  # any archive serves its directory's name (pattern 2)
+            if entry.name in tag_files:
                 continue
-            # Any archive serves its directory's name (pattern 2), whatever its stem.
-            if rel_dir:
-                names.add(rel_dir)
-            # "<base>:<ref>.oci" (pattern 4) or "<base>.oci" (pattern 5) serves <base>; the
-            # ref part only names an implicit tag, so an invalid one hides nothing.
-            base = file_name[: -len(SUFFIX)].partition(":")[0]
-            names.add(f"{rel_dir}/{base}" if rel_dir else base)
-    return sorted(n for n in names if valid_name(n))
+        # "<base>:<ref>.oci" (pattern 4) or "<base>.oci" (pattern 5) serves <base>; the ref
+        # part only names an implicit tag, so an invalid one hides nothing.
+        base = entry.name[: -len(SUFFIX)].partition(":")[0]
+        names.add(f"{rel_dir}/{base}" if rel_dir else base)
+    return {n for n in names if valid_name(n)}
+
+
+def walk_names(root: str, *, allow_outside: bool = False) -> list[str]:
+    """Every repository name some archive in ``root`` can be pulled as (blocking).
+
+    Hidden entries, invalid names and (unless allowed) archives resolving outside ``root`` are
+    skipped, exactly as the server's listings skip them; each directory is read once even when
+    symlinks lead back to it.
+    """
+    names: set[str] = set()
+    seen: set[int] = set()
+    pending = [(root, "")]
+    while pending:
+        path, rel_dir = pending.pop()
+        listing = read_listing(path, root, allow_outside=allow_outside)
+        if listing.fingerprint is None or listing.fingerprint.inode in seen:
+            continue
+        seen.add(listing.fingerprint.inode)
+        names |= names_in(listing, rel_dir)
+        for entry in listing.subdirectories():
+            pending.append((entry.path, f"{rel_dir}/{entry.name}" if rel_dir else entry.name))
+    return sorted(names)

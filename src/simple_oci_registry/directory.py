@@ -1,0 +1,306 @@
+"""The node's view of the image directory: one listing per directory, reused until it changes.
+
+A directory's listing is read once and kept with the directory's own stat fingerprint. Every
+request re-stats the few directories its answer depends on (after it arrived, so it never sees
+a state older than one another request already saw) and reads a listing again only when that
+stat changed. The work a request costs is therefore a few ``stat`` calls whatever the size of
+the directory, and on NFS those are answered from the client's attribute cache, so ``actimeo``
+is the one freshness knob. Every worker process on a node asks the same kernel, which is what
+makes the workers agree: there is no per-worker time window during which one of them may still
+believe an older listing (docs/directory-model.md).
+
+Two details keep the stat comparison exact:
+
+* *Racy listings* (git's racy-git rule): a change made within the same timestamp tick as our
+  read can leave the directory's mtime unchanged. A listing read less than ``RACY_SECONDS``
+  after the directory's last change is marked unsettled and read again at the next check, until
+  it is old enough to be trusted.
+* *Batching*: checks requested while a check is running wait for the next one, which starts
+  after they arrived; a burst of requests shares one worker-thread hop instead of paying one
+  each, and no request is answered from a stat taken before it arrived.
+
+A miss (about to become a 404) looks again, asking the file server rather than the attribute
+cache (``statx`` with ``AT_STATX_FORCE_SYNC``), at most once per ``MISS_RECHECK_SECONDS`` per
+directory, so a flood of requests for unknown names cannot become a flood of directory reads:
+unknown names are answered from the cached listings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from simple_oci_registry.fingerprint import Fingerprint, fresh_stat
+
+__all__ = ["SUFFIX", "DirectoryView", "Entry", "Listing", "Probe", "inside", "read_listing"]
+
+log = logging.getLogger(__name__)
+
+SUFFIX: Final = ".oci"
+# Coarse timestamps tick every few ms on a local disk; an NFS server's clock may also differ
+# from ours by a little. A listing newer than this relative to the directory's change is read
+# again at the next check.
+RACY_SECONDS: Final = 2.0
+MISS_RECHECK_SECONDS: Final = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry of a listing that can matter to a name: an archive or a subdirectory."""
+
+    name: str
+    path: str
+    inode: int  # of the symlink's target for symlinks: what opening the path reaches
+    is_dir: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A directory's entries as read at one stat fingerprint of the directory.
+
+    ``archives`` are its ``*.oci`` entries sorted by name (pattern 2 when the directory is a
+    name's own folder); ``beside`` groups them by the part before ``:`` and ``whole`` by their
+    stem (patterns 4 and 5 when it is the parent), so resolution in a flat directory of ten
+    thousand archives is a dictionary lookup, not a scan.
+    """
+
+    path: str
+    fingerprint: Fingerprint | None  # None: the directory does not exist (or is unusable)
+    entries: Mapping[str, Entry] = field(default_factory=dict)
+    settled: bool = True
+    archives: tuple[Entry, ...] = ()
+    beside: Mapping[str, tuple[Entry, ...]] = field(default_factory=dict)
+    whole: Mapping[str, Entry] = field(default_factory=dict)
+
+    @property
+    def exists(self) -> bool:
+        return self.fingerprint is not None
+
+    def subdirectories(self) -> list[Entry]:
+        return sorted((e for e in self.entries.values()
+                       if e.is_dir and not e.name.endswith(SUFFIX)), key=lambda e: e.name)
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """A file whose fingerprint a request depends on: a pinned descriptor, or a path."""
+
+    path: str
+    fd: int | None = None
+
+    def fingerprint(self) -> Fingerprint | None:
+        try:
+            if self.fd is not None:
+                return Fingerprint.of_fd(self.fd)
+            return Fingerprint.of_path(self.path)
+        except OSError:
+            return None
+
+
+def inside(root: str, path: str) -> bool:
+    """Does ``path`` resolve (symlinks followed) to ``root`` or below it?"""
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root + os.sep)
+
+
+def _missing(path: str) -> Listing:
+    return Listing(path, None)
+
+
+def read_listing(path: str, root: str, *, allow_outside: bool = False) -> Listing:
+    """Stat and list one directory (blocking).
+
+    The stat comes first: a change made while the entries are read then shows up as a
+    different fingerprint at the next check. Hidden entries (temporary files of a publisher,
+    ``.nfsXXXX`` silly-renamed files) are skipped; so are entries that resolve outside ``root``
+    unless the operator allows it.
+    """
+    read_at = time.time_ns()
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return _missing(path)
+    except OSError as exc:
+        log.warning("cannot stat %s: %s", path, exc.strerror or exc)
+        return _missing(path)
+    if not stat.S_ISDIR(st.st_mode):
+        return _missing(path)
+    if not allow_outside and not inside(root, path):
+        log.warning("refusing %s: it resolves outside the image directory", path)
+        return _missing(path)
+    entries: dict[str, Entry] = {}
+    try:
+        with os.scandir(path) as it:
+            for item in it:
+                entry = _entry(item, root, allow_outside)
+                if entry is not None:
+                    entries[entry.name] = entry
+    except OSError as exc:
+        # EACCES (lost+found, another team's folder), ELOOP, EIO/ESTALE from NFS: nothing
+        # there can be served, but everything else still can.
+        log.warning("cannot list %s: %s", path, exc.strerror or exc)
+        return _missing(path)
+    archives = tuple(sorted((e for e in entries.values() if e.name.endswith(SUFFIX)),
+                            key=lambda e: e.name))
+    beside: dict[str, list[Entry]] = {}
+    whole: dict[str, Entry] = {}
+    for entry in archives:
+        stem = entry.name[: -len(SUFFIX)]
+        base, colon, _ = stem.partition(":")
+        if colon:
+            beside.setdefault(base, []).append(entry)
+        else:
+            whole[stem] = entry
+    changed = max(st.st_mtime_ns, st.st_ctime_ns)
+    settled = read_at - changed > RACY_SECONDS * 1e9
+    return Listing(path, Fingerprint.of(st), entries, settled, archives,
+                   {k: tuple(v) for k, v in beside.items()}, whole)
+
+
+def _entry(item: os.DirEntry[str], root: str, allow_outside: bool) -> Entry | None:
+    if item.name.startswith("."):
+        return None
+    try:
+        if item.is_symlink():
+            target = os.stat(item.path)  # a dangling link raises: nothing to serve
+            if not allow_outside and not inside(root, item.path):
+                log.warning("refusing %s: it resolves outside the image directory", item.path)
+                return None
+            is_dir, inode = stat.S_ISDIR(target.st_mode), target.st_ino
+        else:
+            is_dir, inode = item.is_dir(follow_symlinks=False), item.inode()
+    except OSError:
+        return None  # vanished while listed
+    if not is_dir and not item.name.endswith(SUFFIX):
+        return None
+    return Entry(item.name, item.path, inode, is_dir)
+
+
+@dataclass(frozen=True, slots=True)
+class Revalidated:
+    """What one check found: current listings by path and fingerprints by probe."""
+
+    listings: Mapping[str, Listing]
+    files: Mapping[Probe, Fingerprint | None]
+
+
+class DirectoryView:
+    """This worker's cache of listings, revalidated by stat for every request that uses them."""
+
+    def __init__(self, root: str, *, allow_outside: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.root = root
+        self._allow_outside = allow_outside
+        self._clock = clock
+        self._listings: dict[str, Listing] = {}
+        self._forced: dict[str, float] = {}  # directory -> when a miss last forced a look
+        self._dirs: set[str] = set()
+        self._probes: set[Probe] = set()
+        self._force: set[str] = set()
+        self._waiters: list[asyncio.Future[Revalidated]] = []
+        self._job: asyncio.Task[None] | None = None
+        self.stats_calls = 0  # metadata calls made, for metrics and tests
+        self.listings_read = 0
+
+    def cached(self, path: str) -> Listing | None:
+        """The listing last seen for ``path`` (no I/O; possibly stale)."""
+        return self._listings.get(path)
+
+    def known(self) -> list[str]:
+        return list(self._listings)
+
+    async def check(self, dirs: Iterable[str], probes: Iterable[Probe] = (), *,
+                    miss: bool = False) -> Revalidated:
+        """Current listings of ``dirs`` and fingerprints of ``probes``, from stats taken after
+        this call began. With ``miss``, directories are revalidated with the file server
+        (rate-limited per directory), for an answer that is about to be a 404."""
+        dirs = list(dirs)
+        if miss:
+            now = self._clock()
+            for path in dirs:
+                if now - self._forced.get(path, float("-inf")) >= MISS_RECHECK_SECONDS:
+                    self._forced[path] = now
+                    self._force.add(path)
+            if len(self._forced) > 4096:  # bounded: names come from requests
+                self._forced = {p: t for p, t in self._forced.items()
+                                if now - t < MISS_RECHECK_SECONDS}
+        self._dirs.update(dirs)
+        self._probes.update(probes)
+        waiter: asyncio.Future[Revalidated] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._job is None:
+            self._job = asyncio.create_task(self._run())
+        return await asyncio.shield(waiter)
+
+    def recheck_due(self, dirs: Iterable[str]) -> bool:
+        """Would a miss on ``dirs`` be allowed to ask the file server again now?"""
+        now = self._clock()
+        return any(now - self._forced.get(path, float("-inf")) >= MISS_RECHECK_SECONDS
+                   for path in dirs)
+
+    async def _run(self) -> None:
+        try:
+            while self._waiters:
+                dirs, probes, force, waiters = self._dirs, self._probes, self._force, \
+                    self._waiters
+                self._dirs, self._probes, self._force, self._waiters = set(), set(), set(), []
+                try:
+                    result = await asyncio.to_thread(self._revalidate, dirs, probes, force)
+                except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
+                    continue
+                for path, listing in result.listings.items():
+                    if listing.exists:
+                        self._listings[path] = listing
+                    else:
+                        # Missing directories are not remembered: names come from requests,
+                        # and an unknown one must not grow the cache.
+                        self._listings.pop(path, None)
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(result)
+        finally:
+            self._job = None
+
+    def _revalidate(self, dirs: set[str], probes: set[Probe], force: set[str]) -> Revalidated:
+        """Blocking: one stat per directory (a listing only where it changed) and per probe."""
+        listings: dict[str, Listing] = {}
+        for path in dirs:
+            listings[path] = self._current(path, fresh=path in force)
+        files = {probe: probe.fingerprint() for probe in probes}
+        self.stats_calls += len(dirs) + len(probes)
+        return Revalidated(listings, files)
+
+    def _current(self, path: str, *, fresh: bool = False) -> Listing:
+        """The listing of ``path`` as of now; ``fresh`` asks the file server rather than the
+        attribute cache (statx AT_STATX_FORCE_SYNC: one GETATTR on NFS), for a miss."""
+        cached = self._listings.get(path)
+        if cached is not None and cached.settled:
+            try:
+                now = fresh_stat(path)[0] if fresh else Fingerprint.of_path(path)
+            except OSError:
+                return _missing(path)
+            if now == cached.fingerprint:
+                return cached
+        elif fresh:
+            with contextlib.suppress(OSError):
+                fresh_stat(path)  # refresh the kernel's view before reading the entries
+        listing = read_listing(path, self.root, allow_outside=self._allow_outside)
+        if listing.exists:
+            self.listings_read += 1
+        return listing
+
+    def forget(self, keep: Callable[[str], bool]) -> None:
+        """Drop cached listings of directories ``keep`` rejects (rescan housekeeping)."""
+        self._listings = {p: v for p, v in self._listings.items() if keep(p)}

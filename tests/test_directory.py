@@ -1,0 +1,41 @@
+"""Listings reused until the directory changes (directory.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from simple_oci_registry.directory import RACY_SECONDS, DirectoryView, Probe, read_listing
+
+
+def test_listing_indexes_archives_for_each_pattern(tmp_path: Path) -> None:
+    for name in ("a:1.oci", "a:2.oci", "a.oci", "b.oci", ".hidden.oci", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "a").mkdir()
+    listing = read_listing(str(tmp_path), str(tmp_path))
+    assert [e.name for e in listing.archives] == ["a.oci", "a:1.oci", "a:2.oci", "b.oci"]
+    assert [e.name for e in listing.beside["a"]] == ["a:1.oci", "a:2.oci"]
+    assert set(listing.whole) == {"a", "b"}
+    assert [e.name for e in listing.subdirectories()] == ["a"]
+    assert not listing.settled  # just written: read again at the next check
+    assert not read_listing(str(tmp_path / "missing"), str(tmp_path)).exists
+
+
+async def test_checks_reread_only_changed_directories(tmp_path: Path) -> None:
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "1.0.oci").write_bytes(b"x")
+    time.sleep(RACY_SECONDS + 0.1)
+    view = DirectoryView(str(tmp_path))
+    path = str(tmp_path / "app")
+    first = (await view.check([path])).listings[path]
+    for _ in range(5):
+        assert (await view.check([path])).listings[path] is first
+    assert view.listings_read == 1
+    (tmp_path / "app" / "2.0.oci").write_bytes(b"y")
+    changed = (await view.check([path])).listings[path]
+    assert [e.name for e in changed.archives] == ["1.0.oci", "2.0.oci"]
+    probe = Probe(str(tmp_path / "app" / "1.0.oci"))
+    result = await view.check([], [probe])
+    assert result.files[probe] is not None
+    assert result.files[probe].inode == os.stat(probe.path).st_ino  # type: ignore[union-attr]

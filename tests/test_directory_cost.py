@@ -1,0 +1,78 @@
+"""What a request costs in filesystem operations (directory.py, store.py), counted on a FUSE
+passthrough with attribute caching off (the model of NFS ``noac``): warm requests and 404s
+cost a few stats whatever the size of the directory, and never a directory read."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from simple_oci_registry.config import Config
+from simple_oci_registry.directory import RACY_SECONDS
+from simple_oci_registry.errors import ErrorCode, RegistryError
+from simple_oci_registry.layoutwriter import LayoutWriter
+from simple_oci_registry.store import ImageStore
+from tests.images import small_image
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # ``bench`` is a top-level directory, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from bench import latencyfs  # noqa: E402
+from bench.latencyfs import FuseUnavailable, LatencyFS, Options, total  # noqa: E402
+
+FLAT = 300
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[tuple[LatencyFS, Path]]:
+    source = tmp_path / "src"
+    (source / "app").mkdir(parents=True)
+    writer = LayoutWriter()
+    image, _ = small_image(writer, "cost")
+    writer.tag(image, None)  # untagged: each file's name gives its tag
+    writer.write_archive(source / "app" / "1.0.oci")
+    for i in range(FLAT):
+        shutil.copyfile(source / "app" / "1.0.oci", source / f"n{i:03d}:1.0.oci")
+    time.sleep(RACY_SECONDS + 0.1)  # listings read now are settled
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    try:
+        with latencyfs.mount(source, mountpoint, Options(latency=0.0)) as fs:
+            yield fs, mountpoint
+    except FuseUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+async def test_warm_requests_and_misses_cost_a_few_stats(
+        mounted: tuple[LatencyFS, Path]) -> None:
+    fs, root = mounted
+    store = ImageStore(Config(directory=root))
+    try:
+        for name in ("app", "n007"):
+            await store.manifest(name, "1.0")  # first sight: listings read, archives indexed
+            await store.manifest(name, "1.0")
+        fs.take()
+        await store.manifest("app", "1.0")  # pattern 1: its folder, the pinned archive
+        warm_own = fs.take()
+        await store.manifest("n007", "1.0")  # pattern 3 in a flat folder of 300
+        warm_flat = fs.take()
+        for i in range(20):
+            with pytest.raises(RegistryError) as info:
+                await store.manifest(f"never-seen-{i}", "1.0")
+            assert info.value.code is ErrorCode.NAME_UNKNOWN
+        misses = fs.take()
+    finally:
+        store.close()
+    print("warm own", warm_own, "warm flat", warm_flat, "20 misses", misses)
+    for counts in (warm_own, warm_flat, misses):
+        assert counts.get("readdir", 0) == 0 and counts.get("opendir", 0) == 0, counts
+    assert total(warm_own) <= 3, warm_own
+    assert total(warm_flat) <= 3, warm_flat
+    # One stat of the parent each, plus at most one forced recheck a second for the folder.
+    assert total(misses) <= 20 + 2, misses
