@@ -446,13 +446,9 @@ def test_output_writes_warnings_at_once_and_the_rest_in_batches() -> None:
     logger.addHandler(output)
     try:
         logger.warning("first")
-        deadline = time.monotonic() + 10
-        seen = b""
-        while b"first" not in seen:
-            assert time.monotonic() < deadline, "a warning waited for its batch"
-            time.sleep(0.01)
-            with contextlib.suppress(BlockingIOError):
-                seen += os.read(read_end, 1 << 16)
+        # Written before logger.warning returned: a test or an operator reading the log
+        # right after a failed request finds the reason there.
+        assert b"first" in os.read(read_end, 1 << 16)
         output.write_line("quiet\n")
         time.sleep(0.3)
         with contextlib.suppress(BlockingIOError):

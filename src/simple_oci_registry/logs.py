@@ -104,8 +104,9 @@ class LogOutput(logging.Handler):
     thread writes them to ``stream`` in batches.
 
     ``write_line`` is the access log's way in (a line formatted without a record); ``emit``
-    takes ordinary records. Warnings and errors are written at once; the rest within ``DELAY``
-    seconds or as soon as a batch is full. When the buffer is full a line is dropped and
+    takes ordinary records. Warnings and errors are written at once, by the caller when that
+    cannot block (see _write_now); the rest within ``DELAY`` seconds or as soon as a batch is
+    full. When the buffer is full a line is dropped and
     counted (``dropped``); once the output takes lines again, a warning says how many went.
     ``flush`` and ``close`` (run by :func:`logging.shutdown` at exit) wait for the buffer to be
     written, at most ``CLOSE_TIMEOUT`` seconds, so a clean shutdown loses nothing unless the
@@ -175,11 +176,45 @@ class LogOutput(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = self.format(record)
+            line = self.format(record) + "\n"
         except Exception:
             self.handleError(record)
             return
-        self.write_line(line + "\n", urgent=record.levelno >= logging.WARNING)
+        urgent = record.levelno >= logging.WARNING
+        if urgent and self._write_now(line):
+            return
+        self.write_line(line, urgent=urgent)
+
+    def _write_now(self, line: str) -> bool:
+        """Write a warning or error in the caller's thread, if that cannot block.
+
+        So it is out before whatever the caller does next (an error response, an exit): an
+        operator or a test reading the log after a failed request finds its reason there. A
+        line no longer than PIPE_BUF goes into a pipe that poll() calls writable without
+        waiting; a regular file always takes it. Otherwise (a full pipe, a long traceback)
+        the line is queued like the rest, never waited for. It may overtake access lines
+        still queued: their timestamps keep the order.
+        """
+        if self._fd is None:
+            return False
+        data = line.encode("utf-8", "backslashreplace")
+        if self._chunk and len(data) > self._chunk:
+            return False
+        with self._lock:
+            if self._closing:
+                return False
+            try:
+                if self._chunk:
+                    poller = select.poll()
+                    poller.register(self._fd, select.POLLOUT)
+                    if not poller.poll(0):
+                        return False
+                done = 0
+                while done < len(data):  # a pipe takes it whole; a file nearly always does
+                    done += os.write(self._fd, data[done:])
+            except OSError:
+                return False
+        return True
 
     def flush(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Wait until every queued line is written (or ``timeout`` passes)."""
