@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ __all__ = [
     "cold_first_manifest",
     "gzip_inflate",
     "gzip_pulls",
+    "gzip_prepared_pulls",
     "missing_tool",
     "request_rate",
     "warm_up",
@@ -255,6 +257,49 @@ def gzip_pulls(
                 _pull(server.port, name, tag, layer_digest, "gzip_second", out)
         finally:
             shutil.rmtree(cache, ignore_errors=True)  # a decompressed copy of the archive
+    return out
+
+
+_PREPARED: Final = re.compile(rb'^registry_preparation_archives\{state="prepared"\} (\S+)$', re.M)
+_PENDING: Final = re.compile(rb'^registry_preparation_archives\{state="pending"\} (\S+)$', re.M)
+
+
+def _prepared(port: int) -> bool:
+    """Has the server's background preparation finished every archive it wants ready?"""
+    body = fetch(HOST, port, "/metrics", keep_body=True).body
+    prepared, pending = _PREPARED.search(body), _PENDING.search(body)
+    return (prepared is not None and float(prepared.group(1)) >= 1
+            and pending is not None and float(pending.group(1)) == 0)
+
+
+def gzip_prepared_pulls(
+    start: Callable[[Path], RunningServer],
+    ref: str,
+    layer_digest: str,
+    cache_root: Path,
+    reps: int,
+    timeout: float = 600.0,
+) -> Measured:
+    """Fresh server and empty cache dir per rep: wait (polling /metrics) until its background
+    preparation has the gzip archive ready, then time the first pull. The wait, from the
+    server answering to the archive reported prepared, is the preparation time."""
+    name, _, tag = ref.rpartition(":")
+    out: Measured = {}
+    for rep in range(reps):
+        cache = cache_root / f"cache-{rep}-{time.monotonic_ns()}"
+        cache.mkdir(parents=True)
+        try:
+            with start(cache) as server:
+                started = time.perf_counter()
+                deadline = started + timeout
+                while not _prepared(server.port):
+                    if time.perf_counter() > deadline:
+                        raise TimeoutError("background preparation did not finish")
+                    time.sleep(0.02)
+                _append(out, "gzip_preparation_s", time.perf_counter() - started)
+                _pull(server.port, name, tag, layer_digest, "gzip_prepared", out)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
     return out
 
 

@@ -365,6 +365,22 @@ def _ours_phases(run: _Run, image: Image) -> None:
                 run.plan.gzip_reps,
             ),
         )
+    if "--prepare-ahead" not in ours_help() or not run.ours_cache_dir:
+        run.notes.append("ours does not prepare compressed archives in the background: "
+                         "no row for the 1st pull after preparation")
+        return
+    _log("ours: 1st pull of the gzip archive once background preparation has finished")
+    with run.attempt("ours", "gzip archive after background preparation"):
+        run.add(
+            "ours",
+            measure.gzip_prepared_pulls(
+                start_gzip,
+                image.gzip_ref,
+                image.layer_digest,
+                scratch / "gzip-prepared-caches",
+                run.plan.gzip_reps,
+            ),
+        )
 
 
 def _inflate_phase(run: _Run) -> None:

@@ -96,8 +96,12 @@ Start = Callable[..., RegistryProcess]
 
 @pytest.fixture
 def start(start_registry: Start) -> Start:
-    """Registry processes with their own log files (conftest's start_registry)."""
-    return start_registry
+    """Registry processes with their own log files (conftest's start_registry), without
+    background preparation: these tests count what requests themselves decompress
+    (test_preparation_functional.py covers the work done ahead)."""
+    def start_without_preparation(directory: Path, *args: str) -> RegistryProcess:
+        return start_registry(directory, "--no-prepare-ahead", *args)
+    return start_without_preparation
 
 
 # ------------------------------------------------------------------------------ helpers

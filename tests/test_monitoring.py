@@ -31,12 +31,6 @@ Doc = dict[str, Any]
 ALLOWED_FOREIGN_METRICS: Final = frozenset({
     "up",  # written by Prometheus for every scrape target
 })
-# Added by branch h12prep (background preparation); the lead removes this allow-list once that
-# branch is merged, after which the server must export them like every other name.
-ADDED_BY_H12PREP: Final = frozenset({
-    "sor_preparation_archives",
-    "sor_preparation_last_progress_timestamp_seconds",
-})
 
 # PromQL words that look like identifiers but name no metric.
 _KEYWORDS: Final = frozenset({"and", "or", "unless", "by", "without", "on", "ignoring",

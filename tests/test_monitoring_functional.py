@@ -19,7 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.images import StandardImages
 from tests.server import RegistryProcess
 from tests.test_monitoring import (
-    ADDED_BY_H12PREP,
     ALLOWED_FOREIGN_METRICS,
     COMPONENT,
     alerts,
@@ -70,7 +69,7 @@ def test_alerts_select_only_what_the_server_exports(
                          log_path=tmp_path / "registry.log") as process:
         exported = _exported(process, standard_images)
     assert "registry_http_requests_total" in exported  # the scrape is what the test thinks
-    allowed = ALLOWED_FOREIGN_METRICS | ADDED_BY_H12PREP
+    allowed = ALLOWED_FOREIGN_METRICS
     for alert in alerts():
         unknown = metric_names(alert["expr"]) - exported.keys() - allowed
         assert not unknown, f"{alert['alert']} names metrics the server does not export: {unknown}"

@@ -78,3 +78,24 @@ def test_workers_receive_pins_over_their_socket(tmp_path: Path) -> None:
     theirs.close()
     thread.join(timeout=5)
     assert not thread.is_alive()  # the service ends with its worker
+
+
+def test_superseded_duplicates_only_what_it_returns(tmp_path: Path) -> None:
+    # Regression: every superseded pin was duplicated and all but the newest 200 leaked,
+    # until the supervisor ran out of descriptors after a few hundred publishes.
+    path = tmp_path / "app" / "latest.oci"
+    path.parent.mkdir()
+    table = PinTable(str(tmp_path), grace=600)
+    for i in range(260):
+        replace(path, b"v%d" % i)
+        got = table.pin(str(path))
+        assert got is not None
+        os.close(got[1])
+    before = len(os.listdir("/proc/self/fd"))
+    found = table.superseded("app")
+    assert len(found) == 200
+    assert read_pinned(found[-1][2]) == b"v258"  # the newest superseded is included
+    for _, _, fd in found:
+        os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == before
+    table.close()

@@ -35,6 +35,7 @@ from simple_oci_registry.headers import API_VERSION, API_VERSION_VALUE
 from simple_oci_registry.logs import CUT_SHORT
 from simple_oci_registry.metrics import Metrics
 from simple_oci_registry.pins import PinClient
+from simple_oci_registry.preparation import PreparationStatus, Preparer, read_status
 from simple_oci_registry.routes import Route, parse_v2_path
 from simple_oci_registry.store import ImageStore
 
@@ -66,6 +67,7 @@ class Registry:
             pins = PinClient(socket.socket(fileno=config.pin_socket_fd))
         self.store = ImageStore(config, pins=pins)
         self.handlers = Handlers(self.store)
+        self.preparer = Preparer.create(config, self.store.directory, self.store.cache)
         self.metrics = Metrics()
         self.auth = BasicAuth(config.htpasswd) if config.htpasswd is not None else None
         self.in_flight = 0
@@ -75,7 +77,8 @@ class Registry:
             "/healthz": ("healthz", self.healthz),
             "/readyz": ("readyz", self.readyz),
             "/metrics": ("metrics", self.metrics_page),
-            "/": ("catalog-page", CatalogPage(config, auth=self.auth).handle),
+            "/": ("catalog-page", CatalogPage(config, auth=self.auth,
+                                              preparation=self._preparation_status).handle),
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -85,6 +88,8 @@ class Registry:
         if self.config.rescan_interval > 0:  # 0 disables the periodic rescan
             self._tasks.append(asyncio.create_task(self._rescan_loop(), name="rescan"))
         self._tasks.append(asyncio.create_task(self._metrics_loop(), name="metrics-sync"))
+        if self.preparer is not None:
+            self._tasks.append(asyncio.create_task(self.preparer.run(), name="preparation"))
 
     async def cleanup(self) -> None:
         for task in self._tasks:
@@ -93,6 +98,8 @@ class Registry:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.preparer is not None:
+            await self.preparer.close()
         if self.auth is not None:
             self.auth.close()
         self.store.close()
@@ -113,7 +120,16 @@ class Registry:
         """Keep store figures current in shared metrics even when this worker gets no scrape."""
         while True:
             await asyncio.sleep(METRICS_SYNC_SECONDS)
-            self.metrics.sync(self.store)
+            self.metrics.sync(self.store, self.preparer)
+
+    def _preparation_status(self) -> PreparationStatus | None:
+        """Background preparation's progress for the catalog page (blocking: may read the
+        status file the node's preparing worker, possibly another one, wrote)."""
+        if self.preparer is None or self.store.cache is None:
+            return None
+        if self.preparer.active:
+            return self.preparer.status
+        return read_status(self.store.cache.directory)
 
     # ------------------------------------------------------------------ pipeline
 
@@ -205,7 +221,7 @@ class Registry:
         return web.json_response({"status": "ready"})
 
     async def metrics_page(self, request: web.BaseRequest) -> web.Response:
-        self.metrics.sync(self.store)
+        self.metrics.sync(self.store, self.preparer)
         body, content_type = self.metrics.render()
         return web.Response(body=body, headers={hdrs.CONTENT_TYPE: content_type})
 

@@ -36,6 +36,7 @@ import re
 import stat
 import tarfile
 import tempfile
+import time
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -128,6 +129,9 @@ class ArchiveLimits:
     small_member_bytes: int = 4 << 20  # manifests, configs, index.json (distribution caps at 4 MiB)
     max_small_total: int = 256 << 20  # small members a compressed archive may keep in memory
     max_expansion: int = 100  # decompressed bytes per compressed byte (gzip/zstd bombs)
+    # Compressed bytes per second a scan may read (0: as fast as it can). Background
+    # preparation sets it to bound its I/O where the I/O priority does not reach (NFS).
+    read_bytes_per_second: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -662,6 +666,29 @@ _UNREADABLE: Final[tuple[type[BaseException], ...]] = (
     tarfile.TarError, EOFError, OSError, *GZIP.errors, zstandard.ZstdError)
 
 
+class _PacedReader(io.RawIOBase):
+    """Reads no faster than ``rate`` bytes per second on average (sleeping between reads)."""
+
+    def __init__(self, inner: IO[bytes], rate: int) -> None:
+        self._inner = inner
+        self._rate = rate
+        self._started = time.monotonic()
+        self._read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        # At most a quarter second's worth at a time, so the pace stays even.
+        data = self._inner.read(min(len(buffer), max(1, self._rate // 4)))
+        self._read += len(data)
+        ahead = self._read / self._rate - (time.monotonic() - self._started)
+        if ahead > 0:
+            time.sleep(ahead)
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def _decompressor(kind: ArchiveKind, raw: IO[bytes]) -> IO[bytes]:
     if kind is ArchiveKind.GZIP:
         return GZIP.open(raw)
@@ -802,8 +829,12 @@ class CompressedTarArchive(Archive):
             budget = limits.max_expansion * fingerprint.size + (1 << 20)
             if cache is not None:
                 cache.count_decompression()
+            compressed: IO[bytes] = raw
+            if limits.read_bytes_per_second > 0:
+                compressed = io.BufferedReader(_PacedReader(raw, limits.read_bytes_per_second),
+                                               _CHUNK)
             try:
-                with _decompressor(kind, raw) as stream:
+                with _decompressor(kind, compressed) as stream:
                     bounded = io.BufferedReader(_BoundedReader(stream, budget), _CHUNK)
                     with tarfile.open(fileobj=bounded, mode="r|",
                                       tarinfo=_GuardedTarInfo) as tf:

@@ -70,7 +70,10 @@ class CachedIndex:
 class BlobCache:
     """A content-addressed directory of verified, decompressed blobs."""
 
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, *, tidy: bool = True) -> None:
+        """``tidy``: drop crash leftovers and old records (at server start). A helper process
+        that joins a running server's cache passes False: the temporary files it would remove
+        are the running workers' fills in progress."""
         self.directory = directory
         self.max_bytes = max_bytes
         self.stats = CacheStats()
@@ -78,6 +81,8 @@ class BlobCache:
         self._since_evict = 0
         for sub in ("blobs", "tmp", "indexes", "locks", "used"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
+        if not tidy:
+            return
         # Leftovers of a crash mid-write: never final, safe to drop.
         for leftover in (directory / "tmp").iterdir():
             with contextlib.suppress(OSError):

@@ -32,6 +32,7 @@ from simple_oci_registry.auth import BasicAuth
 from simple_oci_registry.config import Config
 from simple_oci_registry.inventory import ImageEntry, Listing, SummaryCache, human_size, list_images
 from simple_oci_registry.mirror import display_name
+from simple_oci_registry.preparation import PreparationStatus
 
 __all__ = ["CatalogPage", "render_page"]
 
@@ -163,7 +164,20 @@ def _row(entry: ImageEntry, host: str) -> str:
         "</tr>")
 
 
-def render_page(listing: Listing, host: str, *, secure: bool) -> str:
+def _preparation_line(status: PreparationStatus) -> str:
+    """How many compressed archives are ready before their first pull (preparation.py)."""
+    total = status.prepared + status.pending + status.failed + status.deferred
+    parts = [f"{status.pending} pending"]
+    if status.failed:
+        parts.append(f"{status.failed} failed")
+    if status.deferred:
+        parts.append(f"{status.deferred} left for their first pull (over the cache share)")
+    return (f'<p class="preparation">Compressed archives ready ahead: {status.prepared} of '
+            f"{_plural(total, 'archive')} prepared, {', '.join(parts)}.</p>")
+
+
+def render_page(listing: Listing, host: str, *, secure: bool,
+                preparation: PreparationStatus | None = None) -> str:
     """The whole catalog document for clients that reach the registry as ``host``."""
     repositories = [(name, list(entries))
                     for name, entries in groupby(listing.entries, key=lambda e: e.name)]
@@ -181,6 +195,9 @@ def render_page(listing: Listing, host: str, *, secure: bool) -> str:
         parts.append("<p>Plain HTTP: tell clients the registry is insecure (podman: "
                      "<code>--tls-verify=false</code>, or <code>insecure = true</code> in "
                      "registries.conf).</p>")
+    if preparation is not None and (preparation.prepared or preparation.pending
+                                    or preparation.failed or preparation.deferred):
+        parts.append(_preparation_line(preparation))
     parts.append("</header><main>")
     if not repositories:
         parts.append('<p class="empty">No images yet: put <code>.oci</code> archives in the '
@@ -208,30 +225,36 @@ def render_page(listing: Listing, host: str, *, secure: bool) -> str:
     return "".join(parts)
 
 
+_Built = tuple[Listing, PreparationStatus | None]
+
+
 class CatalogPage:
     """The ``GET /`` handler, holding the page's caches for the application's lifetime."""
 
     def __init__(self, config: Config, *, auth: BasicAuth | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 preparation: Callable[[], PreparationStatus | None] | None = None) -> None:
         self._root = config.root
         self._allow_outside = config.allow_outside_symlinks
         self._window = PAGE_SECONDS
         self._auth = auth
         self._clock = clock
         self._summaries = SummaryCache()  # touched only by the one build in flight
-        self._listing: tuple[float, Listing] | None = None
-        self._building: asyncio.Future[Listing] | None = None
+        self._preparation = preparation
+        self._listing: tuple[float, _Built] | None = None
+        self._building: asyncio.Future[_Built] | None = None
         self._pages: dict[tuple[str, bool], bytes] = {}
 
     async def handle(self, request: web.BaseRequest) -> web.Response:
         if self._auth is not None:
             # The page lists what /v2/_catalog would: it is protected the same way.
             await self._auth.check(request.headers.get(hdrs.AUTHORIZATION))
-        listing = await self._current()
+        listing, preparation = await self._current()
         key = (pull_host(request.host), request.secure)
         body = self._pages.get(key)
         if body is None:
-            body = render_page(listing, key[0], secure=key[1]).encode()
+            body = render_page(listing, key[0], secure=key[1],
+                               preparation=preparation).encode()
             if len(self._pages) < _MAX_CACHED_PAGES:
                 self._pages[key] = body
         return web.Response(body=body, headers={
@@ -242,19 +265,23 @@ class CatalogPage:
             "Referrer-Policy": "no-referrer",
         })
 
-    async def _current(self) -> Listing:
+    def _build(self) -> _Built:
+        """Blocking: the directory's listing and background preparation's progress."""
+        listing = list_images(self._root, allow_outside=self._allow_outside,
+                              cache=self._summaries)
+        return listing, self._preparation() if self._preparation is not None else None
+
+    async def _current(self) -> _Built:
         """The listing, rebuilt in a worker thread once per window by one caller at a time."""
         started = self._clock()
         if self._listing is not None and started - self._listing[0] < self._window:
             return self._listing[1]
         building = self._building
         if building is None:
-            building = asyncio.ensure_future(asyncio.to_thread(
-                list_images, self._root, allow_outside=self._allow_outside,
-                cache=self._summaries))
+            building = asyncio.ensure_future(asyncio.to_thread(self._build))
             self._building = building
 
-            def built(done: asyncio.Future[Listing]) -> None:
+            def built(done: asyncio.Future[_Built]) -> None:
                 self._building = None
                 if not done.cancelled() and done.exception() is None:
                     self._listing = (started, done.result())

@@ -218,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
          help="node-local directory for blobs decompressed from gzip/zstd archives")
     _add(serve, "--cache-max-bytes", default=DEFAULTS.cache_max_bytes,
          type=_non_negative(int), help="size bound of --cache-dir (least recently used go first)")
+    _add_bool(serve, "--prepare-ahead", default=True,
+              help="index gzip/zstd archives into --cache-dir in the background, newest first "
+                   "up to half of --cache-max-bytes, so their first pull finds them ready")
+    _add(serve, "--prepare-read-rate", default=DEFAULTS.prepare_read_rate,
+         type=_non_negative(int),
+         help="compressed bytes per second that background preparation may read (0: no "
+              "bound beyond its idle I/O priority, which NFS ignores)")
     _add(serve, "--htpasswd", default=None, type=readable_file_arg,
          help="htpasswd file with bcrypt hashes: require HTTP basic auth (default: anonymous)")
     _add(serve, "--max-connections", default=DEFAULTS.max_connections,
@@ -273,7 +280,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         shutdown_timeout=args.shutdown_timeout, cache_dir=args.cache_dir,
         cache_max_bytes=args.cache_max_bytes, htpasswd=args.htpasswd,
         max_connections=args.max_connections, grace_period=args.grace_period,
-        allow_outside_symlinks=args.allow_outside_symlinks)
+        allow_outside_symlinks=args.allow_outside_symlinks,
+        prepare_ahead=args.prepare_ahead, prepare_read_rate=args.prepare_read_rate)
 
 
 def _bind(config: Config, *, reuse_port: bool) -> socket.socket:

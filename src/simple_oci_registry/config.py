@@ -24,6 +24,7 @@ class Defaults:
     shutdown_timeout: float = 25.0
     max_connections: int = 4096
     grace_period: float = 300.0
+    prepare_read_rate: int = 0
 
 
 DEFAULTS: Final = Defaults()
@@ -51,6 +52,10 @@ class Config:
     max_connections: int = DEFAULTS.max_connections
     # How long a replaced or removed archive's digests stay downloadable (pins.py).
     grace_period: float = DEFAULTS.grace_period
+    # Compressed archives indexed into the blob cache in the background (preparation.py), and
+    # the compressed bytes per second that work may read (0: unbounded).
+    prepare_ahead: bool = True
+    prepare_read_rate: int = DEFAULTS.prepare_read_rate
     # The worker's end of its socket pair to the supervisor's pin table (None: one process).
     pin_socket_fd: int | None = None
 

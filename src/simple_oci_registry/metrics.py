@@ -28,6 +28,7 @@ from prometheus_client import (
 
 from simple_oci_registry.blobcache import CacheStats
 from simple_oci_registry.logs import dropped_lines
+from simple_oci_registry.preparation import PreparationStats, Preparer
 from simple_oci_registry.store import ImageStore, StoreStats
 
 __all__ = ["MULTIPROC_ENV", "Metrics"]
@@ -93,6 +94,33 @@ class Metrics:
             "registry_log_lines_dropped",
             "Log lines (access log included) dropped because stderr was not read fast enough",
             registry=reg)
+        # Background preparation (preparation.py): only the worker holding the node's lease
+        # sets these, so the live maximum over workers is that worker's value, and a worker
+        # that died (and handed the lease on) no longer counts.
+        self.preparation_archives = Gauge(
+            "registry_preparation_archives",
+            "Compressed archives by background preparation state (prepared, pending, failed, "
+            "deferred: over the cache share, left for first use)", ["state"],
+            multiprocess_mode="livemax", registry=reg)
+        for state in ("prepared", "pending", "failed", "deferred"):
+            # Exported from the start (0 until the preparer reports), so alerts and dashboards
+            # see the series on every node, preparing or not (livemax keeps the preparer's).
+            self.preparation_archives.labels(state)
+        self.preparation_progress = Gauge(
+            "registry_preparation_last_progress_timestamp_seconds",
+            "When background preparation last finished an archive (Unix time; 0: never)",
+            multiprocess_mode="livemax", registry=reg)
+        self.preparation_active = Gauge(
+            "registry_preparation_active",
+            "1 in the worker that prepares compressed archives for the node (sums to 1)",
+            multiprocess_mode="livesum", registry=reg)
+        self.preparation_bytes = Counter(
+            "registry_preparation_filled_bytes",
+            "Blob bytes background preparation decompressed into the blob cache", registry=reg)
+        self.preparation_seconds = Counter(
+            "registry_preparation_seconds", "Time background preparation spent on archives",
+            registry=reg)
+        self._synced_preparation = PreparationStats()
         self._synced = StoreStats()
         self._synced_dropped = 0
         self._synced_dir = (0, 0)
@@ -122,8 +150,9 @@ class Metrics:
             response_bytes.inc(sent)
         duration.observe(seconds)
 
-    def sync(self, store: ImageStore) -> None:
-        """Copy the store's and the blob cache's counters (as deltas) and cache sizes."""
+    def sync(self, store: ImageStore, preparer: Preparer | None = None) -> None:
+        """Copy the store's, the blob cache's and background preparation's counters (as
+        deltas) and gauges."""
         now, last = store.stats, self._synced
         _add_deltas((
             (self.archives_indexed, now.archives_indexed, last.archives_indexed),
@@ -153,6 +182,27 @@ class Metrics:
             self.cache_max_bytes.set(store.cache.max_bytes)
         for cache, size in store.snapshot().items():
             self.cache_entries.labels(cache).set(size)
+        if preparer is not None:
+            self._sync_preparation(preparer)
+
+    def _sync_preparation(self, preparer: Preparer) -> None:
+        # The child process's decompressions and fills are the node's too: they count in the
+        # same totals as the ones requests cause.
+        now, last = preparer.stats, self._synced_preparation
+        _add_deltas((
+            (self.decompressions, now.decompressions, last.decompressions),
+            (self.cache_fills, now.fills, last.fills),
+            (self.preparation_bytes, now.filled_bytes, last.filled_bytes),
+            (self.preparation_seconds, now.seconds, last.seconds),
+        ))
+        self._synced_preparation = dataclasses.replace(now)
+        self.preparation_active.set(1 if preparer.active else 0)
+        if preparer.active:
+            status = preparer.status
+            for state, count in (("prepared", status.prepared), ("pending", status.pending),
+                                 ("failed", status.failed), ("deferred", status.deferred)):
+                self.preparation_archives.labels(state).set(count)
+            self.preparation_progress.set(status.last_progress)
 
     def render(self) -> tuple[bytes, str]:
         if self._multiproc_dir:

@@ -153,9 +153,10 @@ class PinTable:
                     for p in held]
         self._supersede_moved([p for p in mine if p.superseded_at is None])
         with self._lock:
-            found = [(p.path, p.fingerprint, os.dup(p.fd)) for p in mine
-                     if p.superseded_at is not None and p.fd >= 0]
-        return found[-_MAX_FDS:]
+            gone = [p for p in mine if p.superseded_at is not None and p.fd >= 0]
+            gone.sort(key=lambda p: p.superseded_at or 0.0)
+            # The most recently superseded first: those are what straddling pulls ask for.
+            return [(p.path, p.fingerprint, os.dup(p.fd)) for p in gone[-_MAX_FDS:]]
 
     def gone(self, path: str, fingerprint: Fingerprint) -> None:
         with self._lock:

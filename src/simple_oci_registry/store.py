@@ -553,6 +553,10 @@ class ImageStore:
         same = current.layout.archive.fingerprint if current is not None else None
         try:
             held = await asyncio.to_thread(self._read, candidate, same)
+        except FileNotFoundError:
+            # Removed since the listing was read: gone, not broken (the next check sees it).
+            log.debug("%s vanished before it was indexed", self._relative(candidate.path))
+            return None
         except (ArchiveError, StaleArchiveError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             with contextlib.suppress(OSError):
