@@ -13,10 +13,13 @@ Under the work directory::
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
 import shutil
+import subprocess
+import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +33,14 @@ from simple_oci_registry.layoutwriter import (
     LayoutWriter,
 )
 
-__all__ = ["ColdDir", "Image", "build_cold_dir", "build_image", "manifest_annotations"]
+__all__ = [
+    "ColdDir",
+    "Image",
+    "build_cold_dir",
+    "build_image",
+    "build_real_archive",
+    "manifest_annotations",
+]
 
 _FORMAT: Final[int] = 1
 """Bump when the fixtures' content changes, so cached ones are rebuilt."""
@@ -205,3 +215,48 @@ def build_cold_dir(work_dir: Path, count: int) -> ColdDir:
     template.unlink()
     done.write_text(str(_FORMAT))
     return ColdDir(count, root, ref)
+
+
+_REAL_SOURCES: Final[tuple[str, ...]] = ("/usr/share", "/usr/lib")
+
+
+def build_real_archive(work_dir: Path, size: int) -> Path:
+    """A gzip -6 tar of about ``size`` bytes of real files from this machine (/usr/share, then
+    /usr/lib, in sorted order): text, binaries and already-compressed files, as layers hold.
+    Random bytes do not compress and would time a copy, not an inflate. Built once per work
+    directory; the gzip binary when there is one (what publishers run), else Python's."""
+    target = work_dir / f"real-{size}.tar.gz"
+    if target.is_file():
+        return target
+    plain = work_dir / f"real-{size}.tar.building"
+    total = 0
+    with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT) as tar:
+        for root in _REAL_SOURCES:
+            for directory, dirs, files in os.walk(root):
+                dirs.sort()
+                for name in sorted(files):
+                    path = os.path.join(directory, name)
+                    if total >= size:
+                        break
+                    if os.path.islink(path) or not os.path.isfile(path):
+                        continue
+                    try:
+                        tar.add(path, recursive=False)
+                    except OSError:  # unreadable: skip it
+                        continue
+                    total += os.path.getsize(path)
+                if total >= size:
+                    break
+            if total >= size:
+                break
+    partial = target.parent / (target.name + ".partial")
+    gzip_binary = shutil.which("gzip")
+    with plain.open("rb") as source, partial.open("wb") as sink:
+        if gzip_binary is not None:
+            subprocess.run([gzip_binary, "-6", "-c"], stdin=source, stdout=sink, check=True)
+        else:
+            with gzip.GzipFile(fileobj=sink, mode="wb", compresslevel=6, mtime=0) as zipped:
+                shutil.copyfileobj(source, zipped, 1 << 20)
+    plain.unlink()
+    partial.rename(target)
+    return target

@@ -7,6 +7,7 @@ body) before they count, so an error page can never pass for a fast answer.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 from bench.httpclient import fetch, fetch_concurrently
 from bench.load import ab_available, run_ab_head, run_wrk, wrk_available
@@ -31,6 +32,7 @@ __all__ = [
     "blob_concurrent",
     "blob_single",
     "cold_first_manifest",
+    "gzip_inflate",
     "gzip_pulls",
     "gzip_prepared_pulls",
     "missing_tool",
@@ -109,6 +111,8 @@ def blob_concurrent(target: Target, streams: int) -> Measured:
         "rss_after_mb": [after.rss_bytes / _MB],
         "rss_peak_mb": [sampler.peak_bytes / _MB],
         "rss_growth_mb": [(sampler.peak_bytes - before.rss_bytes) / _MB],
+        **({"pss_before_mb": [before.pss_bytes / _MB], "pss_after_mb": [after.pss_bytes / _MB]}
+           if before.pss_bytes and after.pss_bytes else {}),
         "server_processes": [float(len(pids))],
     }
 
@@ -169,6 +173,8 @@ def request_rate(
     if case.method == "HEAD" and "content-length" not in check.headers:
         notes.append(f"{target.name}: HEAD {path} has no Content-Length")
     url = target.server.url + path
+    pids = process_tree(target.server.pid)
+    before = sample_tree(target.server.pid, pids)
     if case.tool == "ab":
         result = run_ab_head(url, seconds=seconds, connections=connections, headers=case.headers)
     else:
@@ -185,9 +191,15 @@ def request_rate(
             f"{target.name} {case.key}: {result.tool} saw {result.non_2xx} non-2xx responses "
             f"and {result.errors} errors in {result.requests} requests"
         )
+    spent = sample_tree(target.server.pid, pids).cpu_seconds - before.cpu_seconds
     if result.non_2xx + result.errors > result.requests // 100:
         return {}
-    return {case.key: [result.requests_per_second]}
+    # Server CPU per request: on a shared machine neighbours move the rate far more than
+    # this, so it shows a cost (the access log's) when the rates are too noisy to.
+    return {
+        case.key: [result.requests_per_second],
+        case.key.removesuffix("_rps") + "_cpu_us": [spent / max(result.requests, 1) * 1e6],
+    }
 
 
 def cold_first_manifest(
@@ -295,3 +307,36 @@ def served_manifest_digest(port: int, path: str) -> str:
     """sha256 of the manifest bytes a server sends for ``path`` (to check a seeded copy)."""
     got = fetch(HOST, port, path, headers=_ACCEPT, keep_body=True)
     return "sha256:" + hashlib.sha256(got.body).hexdigest()
+
+
+def _inflate_rate(path: Path, open_stream: Callable[[IO[bytes]], IO[bytes]]) -> float:
+    """Decompressed MB per second of this thread's CPU time (the machine is shared: wall
+    time would measure the neighbours), reading 1 MiB at a time as the registry does."""
+    total = 0
+    with path.open("rb") as raw, open_stream(raw) as stream:
+        started = time.thread_time()
+        while chunk := stream.read(1 << 20):
+            total += len(chunk)
+        spent = time.thread_time() - started
+    return total / _MB / max(spent, 1e-9)
+
+
+def gzip_inflate(path: Path, reps: int, notes: Notes) -> Measured:
+    """ISA-L (isal, what the registry uses where its wheel is installed) against zlib, on
+    the same gzip archive of real files, repetitions interleaved."""
+    out: Measured = {}
+
+    def with_zlib(raw: IO[bytes]) -> IO[bytes]:
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+
+    try:
+        from isal import igzip
+    except ImportError:
+        notes.append("gzip_inflate: the isal wheel is not installed, zlib measured alone")
+        igzip = None  # type: ignore[assignment]
+    for _ in range(reps):
+        _append(out, "gzip_inflate_zlib_mbps", _inflate_rate(path, with_zlib))
+        if igzip is not None:
+            _append(out, "gzip_inflate_isal_mbps", _inflate_rate(
+                path, lambda raw: igzip.IGzipFile(fileobj=raw, mode="rb")))  # type: ignore[no-untyped-call]
+    return out

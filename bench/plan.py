@@ -27,6 +27,8 @@ class Plan:
     gzip_reps: int
     warmup_seconds: int
     """Unrecorded load-generator run per endpoint and server before the measured ones."""
+    real_archive_bytes: int
+    """Real files (from /usr) in the gzip archive that times ISA-L against zlib."""
     concurrency: int = 32
     wrk_threads: int = 2
     wrk_connections: int = 64
@@ -47,6 +49,7 @@ PLANS: Final[dict[str, Plan]] = {
         cold_reps=3,
         gzip_reps=2,
         warmup_seconds=1,
+        real_archive_bytes=300 * MIB,
     ),
     "quick": Plan(
         mode="quick",
@@ -59,6 +62,7 @@ PLANS: Final[dict[str, Plan]] = {
         cold_reps=2,
         gzip_reps=1,
         warmup_seconds=1,
+        real_archive_bytes=24 * MIB,
     ),
     "tiny": Plan(
         mode="tiny",
@@ -71,5 +75,6 @@ PLANS: Final[dict[str, Plan]] = {
         cold_reps=1,
         gzip_reps=1,
         warmup_seconds=0,
+        real_archive_bytes=2 * MIB,
     ),
 }

@@ -1,7 +1,11 @@
-"""CPU time and resident memory of a server's whole process tree, read from ``/proc``.
+"""CPU time and memory of a server's whole process tree, read from ``/proc``.
 
 A multi-worker server (ours, nginx) is a parent and its children, so every figure sums the tree:
-``utime + stime`` from ``/proc/<pid>/stat`` and ``VmRSS`` from ``/proc/<pid>/status``.
+``utime + stime`` from ``/proc/<pid>/stat``, ``VmRSS`` from ``/proc/<pid>/status`` and ``Pss``
+from ``/proc/<pid>/smaps_rollup``. RSS counts a page shared by forked workers (the interpreter,
+libraries, copy-on-write memory) once per process, so a sum of RSS overstates a pre-forking
+server; PSS divides each shared page among the processes that map it, so its sum is what the
+tree really holds.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class TreeSample:
     pids: tuple[int, ...]
     cpu_seconds: float
     rss_bytes: int
+    pss_bytes: int
+    """0 where ``smaps_rollup`` cannot be read (kernels before 4.14, another user's process)."""
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -65,6 +71,16 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
+def _pss_bytes(pid: int) -> int:
+    try:
+        for line in (_PROC / str(pid) / "smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = _stat_fields(pid)
     if fields is None:
@@ -74,12 +90,13 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def sample_tree(root: int, pids: tuple[int, ...] | None = None) -> TreeSample:
-    """Sum CPU seconds and RSS over ``pids`` (default: the current tree of ``root``)."""
+    """Sum CPU seconds, RSS and PSS over ``pids`` (default: the current tree of ``root``)."""
     tree = process_tree(root) if pids is None else pids
     return TreeSample(
         pids=tree,
         cpu_seconds=sum(_cpu_seconds(p) for p in tree),
         rss_bytes=sum(_rss_bytes(p) for p in tree),
+        pss_bytes=sum(_pss_bytes(p) for p in tree),
     )
 
 

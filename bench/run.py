@@ -33,7 +33,12 @@ if __package__ in (None, ""):  # run as ``python bench/run.py``
     sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "src"))
 
 from bench import dirscenarios, measure, report  # noqa: E402
-from bench.fixtures import Image, build_cold_dir, build_image  # noqa: E402
+from bench.fixtures import (  # noqa: E402
+    Image,
+    build_cold_dir,
+    build_image,
+    build_real_archive,
+)
 from bench.plan import PLANS, Plan  # noqa: E402
 from bench.servers import (  # noqa: E402
     RunningServer,
@@ -187,7 +192,13 @@ def _target(server: RunningServer, image: Image) -> measure.Target:
     )
 
 
-def _start_nginx(run: _Run, image: Image, stack: contextlib.ExitStack) -> RunningServer | None:
+_QUIET: Final[str] = "-nolog"
+"""Suffix of a server's second instance, started with its logging off (see report)."""
+
+
+def _start_nginx(
+    run: _Run, image: Image, stack: contextlib.ExitStack, access_log: bool = True
+) -> RunningServer | None:
     if tool("nginx") is None:
         run.skipped["nginx"] = "nginx is not installed (apt-get install -y nginx-light)"
         return None
@@ -198,12 +209,14 @@ def _start_nginx(run: _Run, image: Image, stack: contextlib.ExitStack) -> Runnin
         name=name,
         manifest_type=image.manifest_media_type,
         manifest_digest=image.manifest_digest,
+        label="nginx" if access_log else "nginx" + _QUIET,
+        access_log=access_log,
     )
     return stack.enter_context(server)
 
 
 def _start_distribution(
-    run: _Run, image: Image, stack: contextlib.ExitStack
+    run: _Run, image: Image, stack: contextlib.ExitStack, access_log: bool = True
 ) -> RunningServer | None:
     missing = [b for b in ("docker-registry", "skopeo") if tool(b) is None]
     if missing:
@@ -215,6 +228,15 @@ def _start_distribution(
     seeded = storage / ".seeded"
     if not (seeded.is_file() and seeded.read_text() == image.manifest_digest):
         shutil.rmtree(storage, ignore_errors=True)
+    if not access_log:  # the second instance reads what the first one was seeded with
+        return stack.enter_context(
+            start_distribution(
+                storage / "data",
+                run.scratch("distribution"),
+                label="distribution" + _QUIET,
+                access_log=False,
+            )
+        )
     server = stack.enter_context(start_distribution(storage / "data", run.scratch("distribution")))
     if not seeded.is_file():
         _log(f"distribution: pushing {image.ref} with skopeo")
@@ -226,7 +248,9 @@ def _start_distribution(
     return server
 
 
-def _start_ours(run: _Run, image: Image, stack: contextlib.ExitStack) -> RunningServer | None:
+def _start_ours(
+    run: _Run, image: Image, stack: contextlib.ExitStack, access_log: bool = True
+) -> RunningServer | None:
     reason = ours_unavailable()
     if reason is not None:
         run.skipped["ours"] = reason
@@ -237,19 +261,25 @@ def _start_ours(run: _Run, image: Image, stack: contextlib.ExitStack) -> Running
             "ours has no --cache-dir: each 1st gzip pull runs on a fresh server with its "
             "default cache, which may not be empty"
         )
+    label = "ours" if access_log else "ours" + _QUIET
     server = start_ours(
         Path(image.registry_dir),
         run.scratch("ours"),
         workers=run.workers,
-        label="ours",
-        cache_dir=run.ours_cache("ours"),
+        label=label,
+        cache_dir=run.ours_cache(label),
+        access_log=access_log,
     )
     return stack.enter_context(server)
 
 
-def _shared_phases(run: _Run, targets: list[measure.Target]) -> None:
+def _shared_phases(
+    run: _Run, targets: list[measure.Target], quiet: dict[str, measure.Target]
+) -> None:
     """Blob and request-rate figures for every server, repetitions interleaved across servers
-    so that a noisy neighbour on the machine hits all of them alike."""
+    so that a noisy neighbour on the machine hits all of them alike. The manifest GET rate is
+    measured on each server's logging-off instance (``quiet``, by server name) too, right
+    after its default one, and recorded as ``manifest_get_rps_nolog``."""
     plan = run.plan
     for target in run.alive(targets):
         with run.attempt(target.name, "warm-up"):
@@ -272,18 +302,22 @@ def _shared_phases(run: _Run, targets: list[measure.Target]) -> None:
         _log(f"{case.key} ({case.tool}): {plan.wrk_reps} x {plan.wrk_seconds} s per server")
         for rep in range(-1 if plan.warmup_seconds else 0, plan.wrk_reps):
             for target in run.alive(targets):
-                with run.attempt(target.name, case.key):
-                    measured = measure.request_rate(
-                        target,
-                        case,
-                        scratch=run.scratch(target.name),
-                        seconds=plan.warmup_seconds if rep < 0 else plan.wrk_seconds,
-                        threads=plan.wrk_threads,
-                        connections=plan.wrk_connections,
-                        notes=run.notes,
-                    )
-                    if rep >= 0:
-                        run.add(target.name, measured)
+                pair = [(target, "")]
+                if case.key == "manifest_get_rps" and target.name in quiet:
+                    pair += [(t, "_nolog") for t in run.alive([quiet[target.name]])]
+                for measured_target, suffix in pair:
+                    with run.attempt(measured_target.name, case.key):
+                        measured = measure.request_rate(
+                            measured_target,
+                            case,
+                            scratch=run.scratch(measured_target.name),
+                            seconds=plan.warmup_seconds if rep < 0 else plan.wrk_seconds,
+                            threads=plan.wrk_threads,
+                            connections=plan.wrk_connections,
+                            notes=run.notes,
+                        )
+                        if rep >= 0:
+                            run.add(target.name, {k + suffix: v for k, v in measured.items()})
 
 
 def _ours_phases(run: _Run, image: Image) -> None:
@@ -349,6 +383,15 @@ def _ours_phases(run: _Run, image: Image) -> None:
         )
 
 
+def _inflate_phase(run: _Run) -> None:
+    """ISA-L against zlib on a gzip tar of real files (ours: it is the registry's inflater)."""
+    size = run.plan.real_archive_bytes
+    _log(f"gzip inflate, ISA-L vs zlib: a gzip -6 tar of {size / 2**20:.0f} MiB of /usr files")
+    with run.attempt("ours", "gzip inflate"):
+        archive = build_real_archive(run.work, size)
+        run.add("ours", measure.gzip_inflate(archive, max(2, run.plan.gzip_reps), run.notes))
+
+
 def _brief(message: str) -> str:
     """First and last line of a failure (the JSON keeps it whole, with the server's log tail)."""
     lines = [line for line in message.splitlines() if line.strip()]
@@ -370,18 +413,26 @@ def _compare(run: _Run, wanted: list[str]) -> Image:
     _log(f"fixtures ready in {time.time() - started:.1f} s")
     with contextlib.ExitStack() as stack:
         servers: list[RunningServer] = []
+        quiet: dict[str, measure.Target] = {}
         for name, start in _STARTERS:
             if name not in wanted:
                 run.skipped[name] = "not selected (--servers)"
                 continue
-            _log(f"{name}: starting")
+            _log(f"{name}: starting, and a second instance with logging off")
             with run.attempt(name, "start"):
                 started_server = start(run, image, stack)
                 if started_server is not None:
                     servers.append(started_server)
-        _shared_phases(run, [_target(s, image) for s in servers])
+            if name in run.skipped or name in run.failed:
+                continue
+            with run.attempt(name + _QUIET, "start"):
+                quiet_server = start(run, image, stack, False)
+                if quiet_server is not None:
+                    quiet[name] = _target(quiet_server, image)
+        _shared_phases(run, [_target(s, image) for s in servers], quiet)
     if "ours" in wanted and "ours" not in run.skipped and "ours" not in run.failed:
         _ours_phases(run, image)
+        _inflate_phase(run)
     return image
 
 

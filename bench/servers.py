@@ -95,6 +95,8 @@ class RunningServer:
         self.port = port
         self.log_path = log_path
         self.drain: _Drain | None = None
+        self.reader: subprocess.Popen[bytes] | None = None
+        """The process copying the server's stderr pipe to ``log_path`` (see _spawn_piped)."""
 
     @property
     def pid(self) -> int:
@@ -133,6 +135,12 @@ class RunningServer:
             time.sleep(0.2)
         if self.process.poll() is None:
             self.process.wait(timeout=5)
+        if self.reader is not None:
+            try:  # EOF once every process holding the pipe has exited
+                self.reader.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.reader.kill()
+                self.reader.wait()
 
     def __enter__(self) -> RunningServer:
         return self
@@ -156,6 +164,44 @@ def _spawn(
         )
     finally:
         log.close()
+
+
+def _spawn_piped(
+    argv: Sequence[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    *,
+    stdout_too: bool = False,
+) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    """Start a server whose stderr (its log) is a pipe that ``cat`` copies to ``log_path``.
+
+    That is where a container's log goes: a pipe read by the runtime (containerd-shim, conmon)
+    and written to a file. The reader is not in the server's process tree, so its CPU is not
+    counted as the server's, as the runtime's is not. ``stdout_too``: stdout goes there as
+    well (distribution writes its access log to stdout), else it is a pipe for the caller.
+    Returns (server, reader).
+    """
+    with log_path.open("wb") as log:
+        reader = subprocess.Popen(
+            ["cat"], stdin=subprocess.PIPE, stdout=log, start_new_session=True
+        )
+    assert reader.stdin is not None
+    try:
+        server = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=reader.stdin if stdout_too else subprocess.PIPE,
+            stderr=reader.stdin,
+            env=env,
+            start_new_session=True,
+        )
+    except BaseException:
+        reader.kill()
+        reader.wait()
+        raise
+    finally:
+        reader.stdin.close()  # the server holds the write end; cat ends when it exits
+    return server, reader
 
 
 def _wait_http(server: RunningServer, path: str, expect: int | None, deadline: float) -> None:
@@ -216,11 +262,14 @@ def start_ours(
     workers: int | None,
     cache_dir: Path | None = None,
     label: str = "ours",
-    log_level: str | None = "warning",
+    log_level: str | None = None,
+    access_log: bool = True,
 ) -> RunningServer:
     """``python -m simple_oci_registry serve`` on port 0; the port comes from its first line.
 
-    ``workers`` or ``log_level`` None leaves the flag out: the server's default, as users run it.
+    ``workers`` or ``log_level`` None leaves the flag out: the server's default, as users run
+    it (log level info, access log on). Its stderr goes into a pipe, as a container's does (see
+    _spawn_piped); ``access_log=False`` adds ``--no-access-log``.
     """
     argv = [
         sys.executable,
@@ -236,11 +285,14 @@ def start_ours(
         argv += ["--workers", str(workers)]
     if log_level is not None:
         argv += ["--log-level", log_level]
+    if not access_log:
+        argv.append("--no-access-log")
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
     log_path = scratch / f"{label}.log"
-    process = _spawn(argv, log_path, env=_ours_env())
+    process, reader = _spawn_piped(argv, log_path, env=_ours_env())
     server = RunningServer(label, process, 0, log_path)
+    server.reader = reader
     try:
         assert process.stdout is not None
         server.drain = _Drain(process.stdout)
@@ -277,7 +329,7 @@ pid {scratch}/nginx.pid;
 error_log {scratch}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
+    access_log {access_log};
     sendfile on;
     sendfile_max_chunk 0;
     tcp_nopush off;
@@ -313,11 +365,18 @@ def start_nginx(
     manifest_type: str,
     manifest_digest: str,
     workers: int = 2,
+    label: str = "nginx",
+    access_log: bool = True,
 ) -> RunningServer:
-    """nginx serving the static tree under ``root`` (``v2/<name>/…`` files) with sendfile."""
+    """nginx serving the static tree under ``root`` (``v2/<name>/…`` files) with sendfile.
+
+    Logging as Debian's packaged nginx.conf has it: ``access_log <file>;`` (the combined
+    format, no ``buffer=``: one write per request); ``access_log=False`` turns it off.
+    """
     binary = tool("nginx")
     if binary is None:
         raise ServerError("nginx is not installed (apt-get install -y nginx-light)")
+    scratch = scratch / label
     (scratch / "nginx-tmp").mkdir(parents=True, exist_ok=True)
     port = free_port()
     conf = scratch / "nginx.conf"
@@ -326,6 +385,7 @@ def start_nginx(
             # As root, nginx's workers would switch to "nobody", who may not read the fixtures.
             user=f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else "",
             workers=workers,
+            access_log=scratch / "access.log" if access_log else "off",
             scratch=scratch,
             host=HOST,
             port=port,
@@ -337,7 +397,7 @@ def start_nginx(
     )
     error_log = scratch / "nginx-error.log"
     argv = [binary, "-p", str(scratch), "-c", str(conf), "-e", str(error_log)]
-    server = RunningServer("nginx", _spawn(argv, error_log), port, error_log)
+    server = RunningServer(label, _spawn(argv, error_log), port, error_log)
     try:
         assert server.process.stdout is not None
         server.drain = _Drain(server.process.stdout)
@@ -351,7 +411,7 @@ def start_nginx(
 _DISTRIBUTION_CONF = """\
 version: 0.1
 log:
-  level: warn
+{log}
 storage:
   filesystem:
     rootdirectory: {storage}
@@ -364,22 +424,30 @@ http:
 """
 
 
-def start_distribution(storage: Path, scratch: Path) -> RunningServer:
-    """CNCF distribution (Debian's ``docker-registry``) with filesystem storage, log level warn."""
+# Debian's /etc/docker/registry/config.yml sets no level (info) and leaves the access log on.
+_DISTRIBUTION_DEFAULT_LOG: Final = "  fields:\n    service: registry"
+_DISTRIBUTION_NO_LOG: Final = "  level: warn\n  accesslog:\n    disabled: true"
+
+
+def start_distribution(
+    storage: Path, scratch: Path, *, label: str = "distribution", access_log: bool = True
+) -> RunningServer:
+    """CNCF distribution (Debian's ``docker-registry``) with filesystem storage, logging as
+    Debian's packaged config has it (level info, access log on) into a pipe, as a container's;
+    ``access_log=False``: level warn, access log off."""
     binary = tool("docker-registry", "registry")
     if binary is None:
         raise ServerError("CNCF distribution is not installed (apt-get install -y docker-registry)")
     storage.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    conf = scratch / "distribution.yml"
-    conf.write_text(_DISTRIBUTION_CONF.format(storage=storage, host=HOST, port=port))
-    log_path = scratch / "distribution.log"
-    server = RunningServer(
-        "distribution", _spawn([binary, "serve", str(conf)], log_path), port, log_path
-    )
+    conf = scratch / f"{label}.yml"
+    log = _DISTRIBUTION_DEFAULT_LOG if access_log else _DISTRIBUTION_NO_LOG
+    conf.write_text(_DISTRIBUTION_CONF.format(log=log, storage=storage, host=HOST, port=port))
+    log_path = scratch / f"{label}.log"
+    process, reader = _spawn_piped([binary, "serve", str(conf)], log_path, stdout_too=True)
+    server = RunningServer(label, process, port, log_path)
+    server.reader = reader
     try:
-        assert server.process.stdout is not None
-        server.drain = _Drain(server.process.stdout)
         _wait_http(server, "/v2/", 200, time.monotonic() + _START_TIMEOUT)
     except BaseException:
         server.stop()

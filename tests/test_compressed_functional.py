@@ -12,7 +12,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import importlib.util
 import json
+import os
 import socket
 import tarfile
 import threading
@@ -328,3 +330,36 @@ def test_eviction_during_a_transfer_does_not_abort_it(huge: Images, start: Start
         connection.close()
     assert received == image.big_size
     assert "sha256:" + hasher.hexdigest() == image.big
+
+
+# ------------------------------------------------------------------------------ inflaters
+
+
+def test_gzip_archives_are_served_alike_without_the_isal_wheel(
+        compressed: Images, tmp_path: Path) -> None:
+    """gzip is inflated with ISA-L where the ``isal`` wheel is installed and with zlib where
+    it is not (issue 12): the zlib process here cannot import isal, as on a machine the
+    wheel is not published for, and must serve the same bytes and refuse the same damage."""
+    shim = tmp_path / "no-isal"
+    (shim / "isal").mkdir(parents=True)
+    (shim / "isal" / "__init__.py").write_text(
+        'raise ImportError("no isal wheel for this machine (test)")\n')
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
+    isal_installed = importlib.util.find_spec("isal") is not None
+    runs = [("zlib", env)] + ([("ISA-L (isal)", dict(os.environ))] if isal_installed else [])
+    for expected, run_env in runs:
+        log_path = tmp_path / f"{expected[:4]}.log"
+        with RegistryProcess(compressed.root, "--cache-dir", str(tmp_path / expected[:4]),
+                             log_path=log_path, env=run_env) as registry:
+            image = compressed.images["gz"]
+            status, headers, _ = request(registry.url + "/v2/gz/manifests/1.0")
+            assert (status, headers["Docker-Content-Digest"]) == (200, image.manifest)
+            for layer in image.layers:
+                status, _, body = request(f"{registry.url}/v2/gz/blobs/{layer}")
+                assert (status, "sha256:" + hashlib.sha256(body).hexdigest()) == (200, layer)
+            status, _, body = request(
+                f"{registry.url}/v2/bad/blobs/{compressed.images['bad'].big}")
+            assert status == 404
+            assert metrics(registry)[DECOMPRESSIONS] >= 2
+        assert f"gzip archives are decompressed with {expected}" in log_path.read_text()

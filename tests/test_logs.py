@@ -1,12 +1,21 @@
 """Log lines: JSON for collectors (every stderr line of a real process), the access log's
-fields, and probes kept out of the info level."""
+fields, probes kept out of the info level, and the output that never blocks serving (a full
+pipe drops and counts lines) yet loses nothing on a clean shutdown."""
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import io
 import json
 import logging
+import os
+import re
+import signal
 import socket
+import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,9 +25,18 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from simple_oci_registry.layoutwriter import MEDIA_TYPE_OCI_LAYER, LayoutWriter, random_chunks
-from simple_oci_registry.logs import ACCESS_LOGGER, CUT_SHORT, AccessLogger, JsonFormatter
+from simple_oci_registry.logs import (
+    ACCESS_LOGGER,
+    CUT_SHORT,
+    TEXT_FORMAT,
+    AccessLogger,
+    JsonFormatter,
+    LogOutput,
+)
 from tests.images import StandardImages
 from tests.server import RegistryProcess
 
@@ -255,3 +273,248 @@ def test_access_logger_levels_and_sizes(method: str, path: str, response: web.Re
     assert (logged.__dict__["method"], logged.__dict__["path"]) == (method, path)
     assert logged.__dict__["status"] == response.status
     assert logged.__dict__["complete"] is True
+
+
+# ------------------------------------------------------------------ the output (issue 12)
+
+
+def _keepalive_gets(host: str, path: str, count: int, agent: str,
+                    timeout: float = 10.0) -> list[int]:
+    """``count`` GETs of ``path`` on one keep-alive connection; their statuses."""
+    address, port = host.rsplit(":", 1)
+    connection = http.client.HTTPConnection(address, int(port), timeout=timeout)
+    statuses = []
+    try:
+        for _ in range(count):
+            connection.request("GET", path, headers={"User-Agent": agent})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+    finally:
+        connection.close()
+    return statuses
+
+
+@pytest.mark.parametrize(("log_format", "workers"), [("text", "1"), ("json", "2")])
+def test_every_line_is_written_on_a_clean_shutdown(shared_images: StandardImages,
+                                                   tmp_path: Path, log_format: str,
+                                                   workers: str) -> None:
+    """Lines wait in a buffer (written in batches); SIGTERM right after the last response must
+    still find all of them written, from one worker or from forked ones."""
+    log_path = tmp_path / "registry.log"
+    registry = RegistryProcess(shared_images.root, "--log-format", log_format,
+                               "--workers", workers, log_path=log_path).start()
+    count, path = 2000, "/v2/app/manifests/1.0"
+    try:
+        statuses = _keepalive_gets(registry.host, path, count, "flush-test")
+    finally:
+        assert registry.stop() == 0
+    assert statuses == [200] * count
+    text = log_path.read_text()
+    if log_format == "json":
+        written = [e for e in access_entries(json_lines(text)) if e["path"] == path]
+    else:
+        written = [line for line in text.splitlines() if f'"GET {path}" 200 ' in line]
+    assert len(written) == count
+
+
+def test_a_full_pipe_drops_and_counts_lines_and_never_stalls_serving(
+        shared_images: StandardImages, tmp_path: Path) -> None:
+    """stderr is a pipe nobody reads: requests are still answered at once, the lines past the
+    buffer are dropped and counted in /metrics, and once the pipe is read again a warning says
+    how many went. (With blocking writes serving stopped when the pipe's 64 KiB filled.)"""
+    read_end, write_end = os.pipe()
+    command = [sys.executable, "-m", "simple_oci_registry", "serve",
+               "--dir", str(shared_images.root), "--listen", "127.0.0.1:0", "--workers", "1",
+               "--log-level", "info", "--log-format", "json",
+               "--cache-dir", str(tmp_path / "cache")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=write_end, text=True)
+    os.close(write_end)
+    collected = bytearray()
+    reader_started = False
+    try:
+        assert process.stdout is not None
+        match = re.search(r"http://([^\s/]+)/", process.stdout.readline())
+        assert match is not None
+        host = match.group(1)
+        _wait_ready(host)
+        # ~1 kB lines (path twice, user agent): the 4 MiB buffer and the 64 KiB pipe hold
+        # about 4,000 of them.
+        path, agent = "/v2/" + "p" * 300, "a" * 200
+        started = time.monotonic()
+        statuses = _keepalive_gets(host, path, 6000, agent)
+        assert statuses == [404] * 6000
+        assert time.monotonic() - started < 120
+        status, body = fetch(f"http://{host}/metrics")
+        assert status == 200
+        [dropped] = re.findall(rb"^registry_log_lines_dropped_total ([0-9.e+]+)$", body,
+                               re.MULTILINE)
+        assert float(dropped) >= 1000
+
+        reader = threading.Thread(target=_read_all, args=(read_end, collected), daemon=True)
+        reader.start()
+        reader_started = True
+        deadline = time.monotonic() + 20
+        while collected.count(b'"user_agent": "aaa') + float(dropped) < 6000:
+            assert time.monotonic() < deadline, "the output never caught up"
+            time.sleep(0.05)
+        # Caught up: lines are written again.
+        assert _keepalive_gets(host, "/v2/", 1, "after") == [200]
+        while b'"after"' not in collected:
+            assert time.monotonic() < deadline, "a line after the drops was not written"
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+        if not reader_started:
+            os.close(read_end)
+    assert code == 0
+    entries = json_lines(collected.decode())
+    notices = [e for e in entries if "log line(s) dropped" in e["message"]]
+    assert {e["level"] for e in notices} == {"warning"}
+    dropped_lines = sum(e["dropped_lines"] for e in notices)
+    assert dropped_lines == float(dropped)
+    written = [e for e in access_entries(entries) if e["path"] == path[:300]]
+    # Every line is either written whole or counted as dropped.
+    assert len(written) + dropped_lines == 6000
+    assert [e["user_agent"] for e in access_entries(entries)
+            if e["path"] == "/v2/"][-1:] == ["after"]
+
+
+def _wait_ready(host: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if fetch(f"http://{host}/v2/")[0] == 200:
+                return
+        except (urllib.error.URLError, ConnectionError):
+            assert time.monotonic() < deadline, "the registry never became ready"
+            time.sleep(0.05)
+
+
+def _read_all(fd: int, into: bytearray) -> None:
+    with open(fd, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(1 << 16):
+            into += chunk
+
+
+def test_output_never_blocks_and_reports_what_it_dropped() -> None:
+    read_end, write_end = os.pipe()
+    stream = open(write_end, "w")  # noqa: SIM115 - closed below
+    output = LogOutput(stream, json_format=False, buffer_chars=10_000, batch_chars=1_000,
+                       delay=0.01)
+    line = "x" * 99 + "\n"
+    try:
+        started = time.monotonic()
+        accepted = sum(output.write_line(line) for _ in range(5000))  # 500 kB > pipe+buffer
+        assert time.monotonic() - started < 2  # never waited for the reader
+        assert 0 < accepted < 5000
+        time.sleep(0.2)
+        assert output.dropped == 5000 - accepted
+        collected = bytearray()
+        reader = threading.Thread(target=_read_all, args=(read_end, collected), daemon=True)
+        reader.start()
+        output.flush()
+        assert output.write_line("after\n")
+        output.close()
+        stream.close()
+        reader.join(10)
+    finally:
+        if not stream.closed:
+            stream.close()
+    text = collected.decode()
+    assert text.count(line) == accepted
+    assert text.endswith("after\n")
+    notices = re.findall(r" WARNING simple_oci_registry.logs: (\d+) log line\(s\) dropped: ",
+                         text)
+    assert sum(map(int, notices)) == 5000 - accepted
+
+
+def test_output_writes_warnings_at_once_and_the_rest_in_batches() -> None:
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    stream = open(write_end, "w")  # noqa: SIM115 - closed below
+    output = LogOutput(stream, json_format=False, delay=30.0)
+    logger = logging.getLogger("simple_oci_registry.test_batches")
+    logger.propagate = False
+    logger.addHandler(output)
+    try:
+        logger.warning("first")
+        # Written before logger.warning returned: a test or an operator reading the log
+        # right after a failed request finds the reason there.
+        assert b"first" in os.read(read_end, 1 << 16)
+        output.write_line("quiet\n")
+        time.sleep(0.3)
+        with contextlib.suppress(BlockingIOError):
+            assert b"quiet" not in os.read(read_end, 1 << 16)  # waits for its batch...
+        output.flush()
+        assert os.read(read_end, 1 << 16) == b"quiet\n"  # ...or a flush
+    finally:
+        logger.removeHandler(output)
+        output.close()
+        stream.close()
+        os.close(read_end)
+
+
+def _access_line(output: LogOutput | None, logger: logging.Logger, request: web.BaseRequest,
+                 response: web.StreamResponse) -> None:
+    access = AccessLogger(logger, "")
+    assert access._output is output
+    access.log(request, response, 0.012345678)
+
+
+@settings(max_examples=60, deadline=None)
+@given(path=st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]),
+                    max_size=40),
+       agent=st.text(max_size=30), cut_short=st.booleans())
+def test_access_lines_match_what_the_formatters_write(path: str, agent: str,
+                                                      cut_short: bool) -> None:
+    """The access log formats its line itself (no LogRecord per request): text and JSON must
+    be what the ordinary formatters write for the same record, stamp aside."""
+    url = "/v2/" + "".join(c if c.isalnum() else f"%{ord(c) & 0x7F:02X}" for c in path)
+    request = make_mocked_request("GET", url, headers={"User-Agent": agent})
+    request[CUT_SHORT] = cut_short
+    response = web.Response(body=b"{}")
+    for json_format in (False, True):
+        fast = io.StringIO()
+        output = LogOutput(fast, json_format=json_format)
+        logger = logging.getLogger(f"simple_oci_registry.test_fast_{json_format}")
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(output)
+        capture = _Capture()
+        try:
+            _access_line(output, logger, request, response)
+            output.flush()
+            got = fast.getvalue()
+            logger.addHandler(capture)  # two handlers: records again
+            _access_line(None, logger, request, response)
+        finally:
+            logger.removeHandler(capture)
+            logger.removeHandler(output)
+            output.close()
+        [record] = capture.records
+        formatter = JsonFormatter() if json_format else logging.Formatter(TEXT_FORMAT)
+        expected = formatter.format(record)
+        assert got.endswith("\n") and got.count("\n") == 1
+        if json_format:
+            got_entry, expected_entry = json.loads(got), json.loads(expected)
+            # The stamps are taken a moment apart (maybe across a second): compare shapes.
+            shape = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
+            assert re.fullmatch(shape, got_entry.pop("time"))
+            assert re.fullmatch(shape, expected_entry.pop("time"))
+            assert got_entry == expected_entry
+            assert list(got_entry) == list(expected_entry)
+            assert got[got.index('"level"'):] == expected[expected.index('"level"'):] + "\n"
+        else:
+            stamp = len("2024-01-01 00:00:00,000")
+            expected_rest = expected[stamp:].replace("\r", "\\r").replace("\n", "\\n")
+            assert got[stamp:] == expected_rest + "\n"
+            shape = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+            assert re.fullmatch(shape, got[:stamp]) and re.fullmatch(shape, expected[:stamp])

@@ -39,9 +39,9 @@ import tempfile
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
-from typing import IO, Final
+from typing import IO, Final, cast
 
 import zstandard
 
@@ -54,7 +54,10 @@ __all__ = [
     "ArchiveError",
     "ArchiveKind",
     "ArchiveLimits",
+    "GZIP",
+    "ZLIB_GZIP",
     "FileRegion",
+    "GzipInflater",
     "Hashed",
     "Member",
     "MemberReader",
@@ -622,6 +625,47 @@ class _BoundedReader(io.RawIOBase):
         return len(data)
 
 
+@dataclass(frozen=True, slots=True)
+class GzipInflater:
+    """One way to read a gzip stream: its name (logged at start), how to open a stream, and
+    what it raises for a corrupt deflate stream (neither zlib's nor ISA-L's error is an
+    OSError). Truncation (EOFError) and a bad header, CRC or length (gzip.BadGzipFile) are
+    alike in both; tests hold them to the same answers on hostile input."""
+
+    name: str
+    open: Callable[[IO[bytes]], IO[bytes]]
+    errors: tuple[type[BaseException], ...]
+
+
+def _zlib_gzip(raw: IO[bytes]) -> IO[bytes]:
+    return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+
+
+ZLIB_GZIP: Final = GzipInflater("zlib", _zlib_gzip, (zlib.error,))
+
+
+def _fastest_gzip() -> GzipInflater:
+    """ISA-L's inflate (the ``isal`` wheel) reads layer tars 2-3x as fast as zlib (issue 12);
+    zlib where that wheel is not installed (machines it is not published for)."""
+    try:
+        from isal import igzip, igzip_lib
+    except ImportError:
+        return ZLIB_GZIP
+
+    def open_isal(raw: IO[bytes]) -> IO[bytes]:
+        return cast(IO[bytes], igzip.IGzipFile(fileobj=raw, mode="rb"))  # type: ignore[no-untyped-call]
+
+    # The stubs declare the error an Exception instance; it is the exception class.
+    return GzipInflater("ISA-L (isal)", open_isal,
+                        (zlib.error, cast(type[BaseException], igzip_lib.IsalError)))
+
+
+GZIP: Final = _fastest_gzip()
+# What a pass over a compressed tar raises for a broken archive.
+_UNREADABLE: Final[tuple[type[BaseException], ...]] = (
+    tarfile.TarError, EOFError, OSError, *GZIP.errors, zstandard.ZstdError)
+
+
 class _PacedReader(io.RawIOBase):
     """Reads no faster than ``rate`` bytes per second on average (sleeping between reads)."""
 
@@ -647,8 +691,12 @@ class _PacedReader(io.RawIOBase):
 
 def _decompressor(kind: ArchiveKind, raw: IO[bytes]) -> IO[bytes]:
     if kind is ArchiveKind.GZIP:
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        return GZIP.open(raw)
+    # zstd has no multi-threaded decompression; reading the file 1 MiB at a time instead of
+    # zstd's 128 KiB input block inflates ~15% faster (1.23 -> 1.45 GB/s of CPU time on a
+    # 347 MB tar of /usr, measured for issue 12).
+    return zstandard.ZstdDecompressor().stream_reader(raw, read_size=_CHUNK,
+                                                      read_across_frames=True)
 
 
 class _StreamReader(MemberReader):
@@ -828,8 +876,7 @@ class CompressedTarArchive(Archive):
                                 digests[name] = _hash_into(cache, info.size, chunks)
                             elif cache is not None:
                                 _tee_into(cache, digest, info.size, chunks)
-            except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError) as exc:
-                # gzip raises zlib.error (not OSError) for a corrupt deflate stream.
+            except _UNREADABLE as exc:
                 raise ArchiveError(f"unreadable {kind.value} archive: {exc}") from exc
         table = _collect(entries, limits)
         for name, data in small.items():

@@ -38,6 +38,7 @@ from typing import Any, Final, TypeVar
 from aiohttp import web
 
 from simple_oci_registry import __version__
+from simple_oci_registry.archive import GZIP
 from simple_oci_registry.config import DEFAULTS, Config
 from simple_oci_registry.inventory import (
     CheckProgress,
@@ -407,6 +408,8 @@ def _supervise(config: Config, sock: socket.socket) -> int:
             except BaseException:
                 log.exception("worker failed")
                 code = 1
+            # os._exit skips atexit: write out the buffered log lines (logs.LogOutput) first.
+            logging.shutdown()
             os._exit(code)
         if pair is not None:
             pair[1].close()
@@ -506,6 +509,7 @@ def _serve(config: Config) -> int:
     shown_host = f"[{host}]" if ":" in host else host
     print(f"simple-oci-registry {__version__} serving {config.directory} on "
           f"{scheme}://{shown_host}:{port}/ with {config.workers} worker(s)", flush=True)
+    log.info("gzip archives are decompressed with %s", GZIP.name)
     if config.workers == 1:
         asyncio.run(_serve_socket(config, sock))
         return 0

@@ -3,7 +3,8 @@
 Request counts, durations and bytes are recorded once, in HTTP middleware, from the final
 status (so no handler path can forget or double-count). Store figures (archives indexed, index
 time, rescans, archive errors, cache entries) are copied from the store's counters by a small
-periodic sync. With several worker processes, prometheus-client's multiprocess mode keeps the
+periodic sync, and so is the count of log lines dropped (see :class:`logs.LogOutput`).
+With several worker processes, prometheus-client's multiprocess mode keeps the
 values in files under ``PROMETHEUS_MULTIPROC_DIR`` so that a scrape answered by any worker
 reports the whole node.
 """
@@ -26,6 +27,7 @@ from prometheus_client import (
 )
 
 from simple_oci_registry.blobcache import CacheStats
+from simple_oci_registry.logs import dropped_lines
 from simple_oci_registry.preparation import PreparationStats, Preparer
 from simple_oci_registry.store import ImageStore, StoreStats
 
@@ -88,6 +90,10 @@ class Metrics:
                                   "Blob transfers served from the blob cache", registry=reg)
         self.cache_evictions = Counter("registry_blob_cache_evictions",
                                        "Blobs evicted from the blob cache", registry=reg)
+        self.log_lines_dropped = Counter(
+            "registry_log_lines_dropped",
+            "Log lines (access log included) dropped because stderr was not read fast enough",
+            registry=reg)
         # Background preparation (preparation.py): only the worker holding the node's lease
         # sets these, so the live maximum over workers is that worker's value, and a worker
         # that died (and handed the lease on) no longer counts.
@@ -116,6 +122,7 @@ class Metrics:
             registry=reg)
         self._synced_preparation = PreparationStats()
         self._synced = StoreStats()
+        self._synced_dropped = 0
         self._synced_dir = (0, 0)
         self._synced_cache = CacheStats()
         # (endpoint, method, status) -> label children. Bounded: endpoint comes from a fixed
@@ -158,6 +165,9 @@ class Metrics:
             (self.directory_stats, store.directory.stats_calls, self._synced_dir[1]),
         ))
         self._synced = dataclasses.replace(now)
+        dropped = dropped_lines()
+        _add_deltas(((self.log_lines_dropped, dropped, self._synced_dropped),))
+        self._synced_dropped = dropped
         self._synced_dir = (store.directory.listings_read, store.directory.stats_calls)
         if store.cache is not None:
             blobs, seen = store.cache.stats, self._synced_cache
