@@ -347,7 +347,11 @@ def test_real_server_serves_https_and_picks_up_a_rotated_certificate(
         while served_serial(port, context) != 1005:
             assert time.monotonic() < deadline, "rotated certificate never served"
             time.sleep(0.2)
-        assert "reloaded TLS certificate" in registry.log()
+        # Info lines reach the log file through the access log's writer thread (logs.py),
+        # within a fraction of a second: wait for it rather than race it.
+        while "reloaded TLS certificate" not in registry.log():
+            assert time.monotonic() < deadline, "the reload was never logged"
+            time.sleep(0.1)
     finally:
         assert registry.stop() == 0
 
