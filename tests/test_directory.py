@@ -17,7 +17,7 @@ def test_listing_indexes_archives_for_each_pattern(tmp_path: Path) -> None:
     assert [e.name for e in listing.archives] == ["a.oci", "a:1.oci", "a:2.oci", "b.oci"]
     assert [e.name for e in listing.beside["a"]] == ["a:1.oci", "a:2.oci"]
     assert set(listing.whole) == {"a", "b"}
-    assert [e.name for e in listing.subdirectories()] == ["a"]
+    assert listing.subdirectories() == [("a", str(tmp_path / "a"))]
     assert not listing.settled  # just written: read again at the next check
     assert not read_listing(str(tmp_path / "missing"), str(tmp_path)).exists
 

@@ -15,7 +15,6 @@ from simple_oci_registry.archive import ArchiveLimits
 from simple_oci_registry.blobcache import BlobCache
 from simple_oci_registry.catalogpage import render_page
 from simple_oci_registry.config import Config
-from simple_oci_registry.directory import DirectoryView
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.inventory import Listing
 from simple_oci_registry.layoutwriter import LayerFile, LayoutWriter, random_chunks
@@ -136,11 +135,10 @@ async def test_an_unusable_lease_file_turns_preparation_off_with_a_warning(
     cache = BlobCache(tmp_path / "cache", 1 << 30)
     (cache.directory / LEASE_FILE).mkdir()  # cannot be opened for writing: EISDIR
     config = Config(directory=tmp_path)
-    preparer = Preparer.create(config, DirectoryView(config.root), cache)
+    preparer = Preparer.create(config, cache)
     assert preparer is not None
     await asyncio.wait_for(preparer.run(), 5)  # returns instead of retrying for ever
     assert not preparer.active
     assert "cannot take the preparation lease" in caplog.text
-    assert Preparer.create(dataclasses.replace(config, prepare_ahead=False),
-                           DirectoryView(config.root), cache) is None
-    assert Preparer.create(config, DirectoryView(config.root), None) is None
+    assert Preparer.create(dataclasses.replace(config, prepare_ahead=False), cache) is None
+    assert Preparer.create(config, None) is None

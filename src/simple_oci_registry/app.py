@@ -67,7 +67,7 @@ class Registry:
             pins = PinClient(socket.socket(fileno=config.pin_socket_fd))
         self.store = ImageStore(config, pins=pins)
         self.handlers = Handlers(self.store)
-        self.preparer = Preparer.create(config, self.store.directory, self.store.cache)
+        self.preparer = Preparer.create(config, self.store.cache)
         self.metrics = Metrics()
         self.auth = BasicAuth(config.htpasswd) if config.htpasswd is not None else None
         self.in_flight = 0

@@ -34,6 +34,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -68,12 +69,14 @@ class Listing:
     ``archives`` are its ``*.oci`` entries sorted by name (pattern 2 when the directory is a
     name's own folder); ``beside`` groups them by the part before ``:`` and ``whole`` by their
     stem (patterns 4 and 5 when it is the parent), so resolution in a flat directory of ten
-    thousand archives is a dictionary lookup, not a scan.
+    thousand archives is a dictionary lookup, not a scan. Plain subdirectories are kept by
+    name only (``folders``): a root of ten thousand name folders costs no object per folder.
     """
 
     path: str
     fingerprint: Fingerprint | None  # None: the directory does not exist (or is unusable)
-    entries: Mapping[str, Entry] = field(default_factory=dict)
+    entries: Mapping[str, Entry] = field(default_factory=dict)  # the archives, by file name
+    folders: frozenset[str] = frozenset()
     settled: bool = True
     archives: tuple[Entry, ...] = ()
     beside: Mapping[str, tuple[Entry, ...]] = field(default_factory=dict)
@@ -83,9 +86,9 @@ class Listing:
     def exists(self) -> bool:
         return self.fingerprint is not None
 
-    def subdirectories(self) -> list[Entry]:
-        return sorted((e for e in self.entries.values()
-                       if e.is_dir and not e.name.endswith(SUFFIX)), key=lambda e: e.name)
+    def subdirectories(self) -> list[tuple[str, str]]:
+        """``(name, path)`` of each plain subdirectory, sorted (for walks of the tree)."""
+        return [(name, os.path.join(self.path, name)) for name in sorted(self.folders)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,19 +139,36 @@ def read_listing(path: str, root: str, *, allow_outside: bool = False) -> Listin
         log.warning("refusing %s: it resolves outside the image directory", path)
         return _missing(path)
     entries: dict[str, Entry] = {}
+    folders: set[str] = set()
     try:
         with os.scandir(path) as it:
             for item in it:
+                name = item.name
+                if name[0] == ".":
+                    continue
+                if not name.endswith(SUFFIX):
+                    # The common case, kept cheap: d_type tells a folder without a stat.
+                    try:
+                        if item.is_dir(follow_symlinks=False):
+                            folders.add(name)
+                            continue
+                        if not item.is_symlink():
+                            continue
+                    except OSError:
+                        continue
                 entry = _entry(item, root, allow_outside)
-                if entry is not None:
-                    entries[entry.name] = entry
+                if entry is None:
+                    continue
+                if name.endswith(SUFFIX):
+                    entries[name] = entry
+                elif entry.is_dir:
+                    folders.add(name)  # a symlink to a folder inside the root
     except OSError as exc:
         # EACCES (lost+found, another team's folder), ELOOP, EIO/ESTALE from NFS: nothing
         # there can be served, but everything else still can.
         log.warning("cannot list %s: %s", path, exc.strerror or exc)
         return _missing(path)
-    archives = tuple(sorted((e for e in entries.values() if e.name.endswith(SUFFIX)),
-                            key=lambda e: e.name))
+    archives = tuple(sorted(entries.values(), key=lambda e: e.name))
     beside: dict[str, list[Entry]] = {}
     whole: dict[str, Entry] = {}
     for entry in archives:
@@ -160,13 +180,12 @@ def read_listing(path: str, root: str, *, allow_outside: bool = False) -> Listin
             whole[stem] = entry
     changed = max(st.st_mtime_ns, st.st_ctime_ns)
     settled = read_at - changed > RACY_SECONDS * 1e9
-    return Listing(path, Fingerprint.of(st), entries, settled, archives,
+    return Listing(path, Fingerprint.of(st), entries, frozenset(folders), settled, archives,
                    {k: tuple(v) for k, v in beside.items()}, whole)
 
 
 def _entry(item: os.DirEntry[str], root: str, allow_outside: bool) -> Entry | None:
-    if item.name.startswith("."):
-        return None
+    """An archive entry, or a symlink (followed, refused when it leaves ``root``)."""
     try:
         if item.is_symlink():
             target = os.stat(item.path)  # a dangling link raises: nothing to serve
@@ -195,8 +214,12 @@ class DirectoryView:
     """This worker's cache of listings, revalidated by stat for every request that uses them."""
 
     def __init__(self, root: str, *, allow_outside: bool = False,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 executor: Executor | None = None) -> None:
         self.root = root
+        # None: the loop's default executor. Background walkers (preparation.py) pass their
+        # own, so a walk of ten thousand folders never delays a request's few stats.
+        self._executor = executor
         self._allow_outside = allow_outside
         self._clock = clock
         self._listings: dict[str, Listing] = {}
@@ -252,7 +275,8 @@ class DirectoryView:
                     self._waiters
                 self._dirs, self._probes, self._force, self._waiters = set(), set(), set(), []
                 try:
-                    result = await asyncio.to_thread(self._revalidate, dirs, probes, force)
+                    result = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._revalidate, dirs, probes, force)
                 except BaseException as exc:  # noqa: BLE001 - handed to every waiter
                     for waiter in waiters:
                         if not waiter.done():

@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -51,10 +52,11 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from simple_oci_registry.archive import (
     ArchiveError,
@@ -75,11 +77,15 @@ __all__ = ["PREPARE_SHARE", "Outcome", "Plan", "PreparationStats", "PreparationS
            "write_status"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PREPARE_SHARE: Final = 0.5  # of --cache-max-bytes, prepared ahead; the rest is for first use
 PREPARE_INTERVAL_SECONDS: Final = 5.0  # between walks when nothing is left to prepare
 LEASE_RETRY_SECONDS: Final = 5.0
-FULL_SURVEY_SECONDS: Final = 60.0  # re-stat every archive (in-place rewrites) this often
+# Background walks keep to a share of the filesystem's time: after each archive they check,
+# they wait this many times as long as the check took (nothing on a local disk; on a slow NFS
+# server, a fifth of what one client asks of it).
+SURVEY_IDLE_FACTOR: Final = 4.0
 LEASE_FILE: Final = "preparer.lock"
 STATUS_FILE: Final = "preparation.json"
 _COMPRESSED: Final = (ArchiveKind.GZIP, ArchiveKind.ZSTD)
@@ -204,15 +210,23 @@ def _try_lease(cache_dir: Path) -> int | None:
 class Preparer:
     """Walks the image directory and has compressed archives prepared ahead, one at a time."""
 
-    def __init__(self, config: Config, directory: DirectoryView, cache: BlobCache, *,
+    def __init__(self, config: Config, cache: BlobCache, *,
                  interval: float = PREPARE_INTERVAL_SECONDS) -> None:
         self._root = config.root
-        self._directory = directory
+        # Its own view and thread: a walk of the whole tree must not queue requests' stats
+        # behind it (they share nothing but the kernel's caches, which is the point).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        self._directory = DirectoryView(config.root,
+                                        allow_outside=config.allow_outside_symlinks,
+                                        executor=self._executor)
         self._cache_dir = cache.directory
         self._max_bytes = cache.max_bytes
         self._budget = int(cache.max_bytes * PREPARE_SHARE)
         self._read_rate = config.prepare_read_rate
         self._interval = interval
+        # Archives rewritten in place keep their folder's stat: a full survey re-stats every
+        # archive, as often as the store's full rescan (0 there means never: hourly here).
+        self._full_survey_seconds = config.rescan_interval or 3600.0
         self._lease: int | None = None
         self._child: asyncio.subprocess.Process | None = None
         self._surveyed: dict[str, tuple[Listing, dict[str, Fingerprint]]] = {}
@@ -224,13 +238,12 @@ class Preparer:
         self.stats = PreparationStats()
 
     @classmethod
-    def create(cls, config: Config, directory: DirectoryView,
-               cache: BlobCache | None) -> Preparer | None:
+    def create(cls, config: Config, cache: BlobCache | None) -> Preparer | None:
         """The preparer, or None when there is nothing to keep the work in (no blob cache) or
         the operator turned it off."""
         if not config.prepare_ahead or cache is None:
             return None
-        return cls(config, directory, cache)
+        return cls(config, cache)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -238,7 +251,7 @@ class Preparer:
         """Wait for the node's lease, then prepare for as long as this worker lives."""
         while self._lease is None:
             try:
-                self._lease = await asyncio.to_thread(_try_lease, self._cache_dir)
+                self._lease = await self._run(_try_lease, self._cache_dir)
             except OSError as exc:
                 log.warning("cannot take the preparation lease in %s (%s): compressed "
                             "archives are decompressed on their first pull", self._cache_dir,
@@ -268,6 +281,12 @@ class Preparer:
             os.close(self._lease)
             self._lease = None
         self.active = False
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _run(self, call: Callable[..., T], *args: object) -> T:
+        """Blocking work on the preparer's own thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(call, *args))
 
     # ------------------------------------------------------------------ one step
 
@@ -310,22 +329,22 @@ class Preparer:
                     continue
                 seen.add(listing.fingerprint.inode)
                 found.append(listing)
-                following += [e.path for e in listing.subdirectories()]
+                following += [sub for _, sub in listing.subdirectories()]
             level = following
         return found
 
     async def _survey(self, listings: Sequence[Listing]) -> dict[str, Survey]:
         """The compressed archives of ``listings`` with their fingerprints: archives of a
         listing unchanged since the last walk are not stat'ed again, except on a full survey
-        every ``FULL_SURVEY_SECONDS`` (archives rewritten in place keep their directory's
+        every ``--rescan-interval`` (archives rewritten in place keep their directory's
         stat)."""
         now = time.monotonic()
-        full = now - self._full_survey_at >= FULL_SURVEY_SECONDS
+        full = now - self._full_survey_at >= self._full_survey_seconds
         if full:
             self._full_survey_at = now
         stale = [listing for listing in listings if full
                  or (old := self._surveyed.get(listing.path)) is None or old[0] is not listing]
-        fresh = await asyncio.to_thread(self._stat_archives, stale)
+        fresh = await self._run(self._stat_archives, stale)
         keep = {listing.path for listing in listings}
         self._surveyed = {p: v for p, v in self._surveyed.items() if p in keep}
         self._surveyed.update(fresh)
@@ -343,6 +362,7 @@ class Preparer:
             for entry in listing.archives:
                 if entry.is_dir:
                     continue  # layout directories have nothing to decompress
+                started = time.monotonic()
                 try:
                     fingerprint = Fingerprint.of_path(entry.path)
                     known = self._kinds.get(entry.path)
@@ -351,6 +371,8 @@ class Preparer:
                         self._kinds[entry.path] = known
                 except (OSError, ArchiveError):
                     continue  # gone, or not an archive: the request path reports it
+                finally:
+                    time.sleep((time.monotonic() - started) * SURVEY_IDLE_FACTOR)
                 if known[1]:
                     files[entry.path] = fingerprint
             result[listing.path] = (listing, files)
@@ -367,7 +389,7 @@ class Preparer:
             preparing=os.path.relpath(preparing, self._root) if preparing else None)
         if status != self.status:
             self.status = status
-            await asyncio.to_thread(write_status, self._cache_dir, status)
+            await self._run(write_status, self._cache_dir, status)
 
     # ------------------------------------------------------------------ the child process
 
@@ -384,7 +406,7 @@ class Preparer:
         if not line:
             code = await child.wait()
             self._child = None
-            fingerprint = await asyncio.to_thread(_fingerprint_or_none, path)
+            fingerprint = await self._run(_fingerprint_or_none, path)
             return Outcome(fingerprint or Fingerprint(0, 0, 0, 0), False,
                          reason=f"the preparation process exited (status {code})")
         answer = json.loads(line)

@@ -171,6 +171,6 @@ def walk_names(root: str, *, allow_outside: bool = False) -> list[str]:
             continue
         seen.add(listing.fingerprint.inode)
         names |= names_in(listing, rel_dir)
-        for entry in listing.subdirectories():
-            pending.append((entry.path, f"{rel_dir}/{entry.name}" if rel_dir else entry.name))
+        for name, sub in listing.subdirectories():
+            pending.append((sub, f"{rel_dir}/{name}" if rel_dir else name))
     return sorted(names)

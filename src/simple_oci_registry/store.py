@@ -293,8 +293,8 @@ class ImageStore:
                     continue
                 seen.add(listing.fingerprint.inode)
                 listings.append((listing, rel))
-                following += [(e.path, f"{rel}/{e.name}" if rel else e.name)
-                              for e in listing.subdirectories()]
+                following += [(sub, f"{rel}/{name}" if rel else name)
+                              for name, sub in listing.subdirectories()]
             level = following
         key = tuple(listing for listing, _ in listings)
         if self._catalog is not None and len(self._catalog[0]) == len(key) and all(
@@ -755,8 +755,7 @@ class ImageStore:
 
 
 def _has_folder(listing: Listing, base: str) -> bool:
-    entry = listing.entries.get(base)
-    return entry is not None and entry.is_dir
+    return base in listing.folders
 
 
 def _unchanged(broken: list[tuple[str, tuple[Fingerprint, str]]]) -> list[bool]:
