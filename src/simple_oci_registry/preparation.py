@@ -508,8 +508,15 @@ def child_main(argv: Sequence[str] | None = None) -> int:
     for line in sys.stdin:
         request = json.loads(line)
         answer = prepare_archive(str(request["path"]), cache, limits)
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
+        try:
+            sys.stdout.write(json.dumps(answer) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The worker died (killed, then replaced by the supervisor): what was prepared
+            # is in the cache already; leave without a traceback in the node's log.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
     return 0
 
 
