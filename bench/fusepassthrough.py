@@ -15,6 +15,7 @@ a Unix socket (one JSON line per request), see ``bench.latencyfs``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -54,18 +55,34 @@ class _Meter:
     def __init__(self, latency: float) -> None:
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
+        self._in_flight = 0
+        self._peak = 0  # most metadata operations waiting at once since the last reset
         self.latency = latency
 
     def count(self, op: str) -> None:
         with self._lock:
             self._counts[op] += 1
 
-    def snapshot(self, reset: bool) -> dict[str, int]:
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a metadata operation's latency: tracks how many overlap (a client that
+        issues its stats side by side pays one round trip for them, not one each)."""
         with self._lock:
-            counts = dict(self._counts)
+            self._in_flight += 1
+            self._peak = max(self._peak, self._in_flight)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def snapshot(self, reset: bool) -> tuple[dict[str, int], int]:
+        with self._lock:
+            counts, peak = dict(self._counts), self._peak
             if reset:
                 self._counts.clear()
-        return counts
+                self._peak = self._in_flight
+        return counts, peak
 
 
 def _type_bits(entry: os.DirEntry[str]) -> int:
@@ -83,9 +100,10 @@ def _metadata(method: Callable[..., Any]) -> Callable[..., Any]:
 
     def wrapped(self: _Passthrough, *args: Any) -> Any:
         self.meter.count(op)
-        if self.meter.latency > 0:
-            time.sleep(self.meter.latency)
-        return method(self, *args)
+        with self.meter.waiting():
+            if self.meter.latency > 0:
+                time.sleep(self.meter.latency)
+            return method(self, *args)
 
     wrapped.__name__ = op
     wrapped.__doc__ = method.__doc__
@@ -203,7 +221,8 @@ class _ControlHandler(socketserver.StreamRequestHandler):
             meter = self.server.meter
             reply: dict[str, Any]
             if words == ["stats"] or words == ["take"]:
-                reply = {"ops": meter.snapshot(reset=words[0] == "take"), "latency": meter.latency}
+                ops, peak = meter.snapshot(reset=words[0] == "take")
+                reply = {"ops": ops, "peak": peak, "latency": meter.latency}
             elif len(words) == 2 and words[0] == "latency":
                 try:
                     meter.latency = max(0.0, float(words[1]))

@@ -128,6 +128,9 @@ class LatencyFS:
         self.mountpoint = mountpoint
         self.options = options
         self._control = control
+        self.peak = 0
+        """Most metadata operations in flight at once, over the period the last ``counts()``
+        or ``take()`` reported on."""
 
     def _ask(self, request: str) -> dict[str, object]:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -143,11 +146,11 @@ class LatencyFS:
             raise LatencyFSError(str(answer["error"]))
         return dict(answer)
 
-    @staticmethod
-    def _ops(answer: Mapping[str, object]) -> dict[str, int]:
-        ops = answer.get("ops")
-        if not isinstance(ops, dict):
+    def _ops(self, answer: Mapping[str, object]) -> dict[str, int]:
+        ops, peak = answer.get("ops"), answer.get("peak")
+        if not isinstance(ops, dict) or not isinstance(peak, int):
             raise LatencyFSError(f"unexpected answer {answer!r}")
+        self.peak = peak
         return {str(k): int(v) for k, v in ops.items()}
 
     def counts(self) -> dict[str, int]:

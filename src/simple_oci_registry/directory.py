@@ -18,6 +18,11 @@ Two details keep the stat comparison exact:
 * *Batching*: checks requested while a check is running wait for the next one, which starts
   after they arrived; a burst of requests shares one worker-thread hop instead of paying one
   each, and no request is answered from a stat taken before it arrived.
+* *Fan-out on slow storage*: the stats of one check are independent, so where a stat costs a
+  round trip (NFS, measured: the recent average is over ``SLOW_STAT_SECONDS``) they are issued
+  side by side on a few threads, and a warm request waits for one round trip, not one per
+  directory and file it depends on. On a local disk a stat costs microseconds and they stay on
+  one thread, where spreading them would only add hand-offs.
 
 A miss (about to become a 404) looks again, asking the file server rather than the attribute
 cache (``statx`` with ``AT_STATX_FORCE_SYNC``), at most once per ``MISS_RECHECK_SECONDS`` per
@@ -29,20 +34,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, TypeVar
 
 from simple_oci_registry.fingerprint import Fingerprint, fresh_stat
 
-__all__ = ["SUFFIX", "DirectoryView", "Entry", "Listing", "Probe", "inside", "read_listing"]
+__all__ = ["SUFFIX", "DirectoryView", "Entry", "Listing", "Probe", "Revalidated", "inside",
+           "read_listing"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SUFFIX: Final = ".oci"
 # Coarse timestamps tick every few ms on a local disk; an NFS server's clock may also differ
@@ -50,6 +58,11 @@ SUFFIX: Final = ".oci"
 # again at the next check.
 RACY_SECONDS: Final = 2.0
 MISS_RECHECK_SECONDS: Final = 1.0
+# A local stat takes a few microseconds, an NFS GETATTR a network round trip (100 us to
+# milliseconds). Above this running average the stats of a check are issued in parallel.
+SLOW_STAT_SECONDS: Final = 100e-6
+FAN_OUT_THREADS: Final = 8
+_AVERAGE_WEIGHT: Final = 0.2  # of the newest sample in the running average of stat times
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,29 +126,39 @@ def inside(root: str, path: str) -> bool:
     return real == root or real.startswith(root + os.sep)
 
 
+def _timed(job: Callable[[], T]) -> tuple[T, float]:
+    started = time.perf_counter()
+    result = job()
+    return result, time.perf_counter() - started
+
+
 def _missing(path: str) -> Listing:
     return Listing(path, None)
 
 
-def read_listing(path: str, root: str, *, allow_outside: bool = False) -> Listing:
+def read_listing(path: str, root: str, *, allow_outside: bool = False,
+                 seen: tuple[Fingerprint, int] | None = None) -> Listing:
     """Stat and list one directory (blocking).
 
-    The stat comes first: a change made while the entries are read then shows up as a
-    different fingerprint at the next check. Hidden entries (temporary files of a publisher,
-    ``.nfsXXXX`` silly-renamed files) are skipped; so are entries that resolve outside ``root``
-    unless the operator allows it.
+    The stat comes first (or is ``seen``, the fingerprint and mode the caller's check just
+    took, which saves a round trip on NFS): a change made while the entries are read then
+    shows up as a different fingerprint at the next check. Hidden entries (temporary files
+    of a publisher, ``.nfsXXXX`` silly-renamed files) are skipped; so are entries that
+    resolve outside ``root`` unless the operator allows it.
     """
     read_at = time.time_ns()
-    try:
-        st = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
+    if seen is None:
+        try:
+            seen = _stat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return _missing(path)
+        except OSError as exc:
+            log.warning("cannot stat %s: %s", path, exc.strerror or exc)
+            return _missing(path)
+    fingerprint, mode = seen
+    if not stat.S_ISDIR(mode):
         return _missing(path)
-    except OSError as exc:
-        log.warning("cannot stat %s: %s", path, exc.strerror or exc)
-        return _missing(path)
-    if not stat.S_ISDIR(st.st_mode):
-        return _missing(path)
-    if not allow_outside and not inside(root, path):
+    if not allow_outside and path != root and not inside(root, path):
         log.warning("refusing %s: it resolves outside the image directory", path)
         return _missing(path)
     entries: dict[str, Entry] = {}
@@ -178,10 +201,15 @@ def read_listing(path: str, root: str, *, allow_outside: bool = False) -> Listin
             beside.setdefault(base, []).append(entry)
         else:
             whole[stem] = entry
-    changed = max(st.st_mtime_ns, st.st_ctime_ns)
+    changed = max(fingerprint.mtime_ns, fingerprint.ctime_ns)
     settled = read_at - changed > RACY_SECONDS * 1e9
-    return Listing(path, Fingerprint.of(st), entries, frozenset(folders), settled, archives,
+    return Listing(path, fingerprint, entries, frozenset(folders), settled, archives,
                    {k: tuple(v) for k, v in beside.items()}, whole)
+
+
+def _stat(path: str) -> tuple[Fingerprint, int]:
+    st = os.stat(path)
+    return Fingerprint.of(st), st.st_mode
 
 
 def _entry(item: os.DirEntry[str], root: str, allow_outside: bool) -> Entry | None:
@@ -215,8 +243,10 @@ class DirectoryView:
 
     def __init__(self, root: str, *, allow_outside: bool = False,
                  clock: Callable[[], float] = time.monotonic,
-                 executor: Executor | None = None) -> None:
+                 executor: Executor | None = None, fan_out: bool = True) -> None:
         self.root = root
+        # Background walkers also say no to the fan-out: they are meant to be gentle.
+        self._may_fan_out = fan_out
         # None: the loop's default executor. Background walkers (preparation.py) pass their
         # own, so a walk of ten thousand folders never delays a request's few stats.
         self._executor = executor
@@ -229,6 +259,8 @@ class DirectoryView:
         self._force: set[str] = set()
         self._waiters: list[asyncio.Future[Revalidated]] = []
         self._job: asyncio.Task[None] | None = None
+        self._fan_out: ThreadPoolExecutor | None = None  # created once storage proves slow
+        self.stat_seconds = 0.0  # running average of one stat, deciding the fan-out
         self.stats_calls = 0  # metadata calls made, for metrics and tests
         self.listings_read = 0
 
@@ -260,7 +292,8 @@ class DirectoryView:
         self._waiters.append(waiter)
         if self._job is None:
             self._job = asyncio.create_task(self._run())
-        return await asyncio.shield(waiter)
+        # A cancelled request (client gone) cancels only its own future: the batch skips it.
+        return await waiter
 
     def recheck_due(self, dirs: Iterable[str]) -> bool:
         """Would a miss on ``dirs`` be allowed to ask the file server again now?"""
@@ -298,13 +331,55 @@ class DirectoryView:
             self._job = None
 
     def _revalidate(self, dirs: set[str], probes: set[Probe], force: set[str]) -> Revalidated:
-        """Blocking: one stat per directory (a listing only where it changed) and per probe."""
+        """Blocking: one stat per directory (a listing only where it changed) and per probe,
+        side by side when storage is slow."""
+        ordered = list(dirs)
+        jobs: list[Callable[[], Listing | Fingerprint | None]] = [
+            *(functools.partial(self._current, path, fresh=path in force) for path in ordered),
+            *(probe.fingerprint for probe in probes)]
+        pool = self._pool(len(jobs))
+        if pool is None:
+            timed = [_timed(job) for job in jobs]
+        else:
+            # The first job runs here, the others on the pool: one round trip for all.
+            pending = [pool.submit(_timed, job) for job in jobs[1:]]
+            timed = [_timed(jobs[0]), *(future.result() for future in pending)]
         listings: dict[str, Listing] = {}
-        for path in dirs:
-            listings[path] = self._current(path, fresh=path in force)
-        files = {probe: probe.fingerprint() for probe in probes}
-        self.stats_calls += len(dirs) + len(probes)
+        samples: list[float] = []
+        for path, (listing, seconds) in zip(ordered, timed[:len(ordered)], strict=True):
+            assert isinstance(listing, Listing)
+            listings[path] = listing
+            if listing is self._listings.get(path):
+                samples.append(seconds)  # one stat; a listing read is not a sample
+            elif listing.exists:
+                self.listings_read += 1
+        files: dict[Probe, Fingerprint | None] = {}
+        for probe, (fingerprint, seconds) in zip(probes, timed[len(ordered):], strict=True):
+            assert fingerprint is None or isinstance(fingerprint, Fingerprint)
+            files[probe] = fingerprint
+            samples.append(seconds)
+        self.stats_calls += len(jobs)
+        if samples:
+            sample = sum(samples) / len(samples)
+            self.stat_seconds += (sample - self.stat_seconds) * _AVERAGE_WEIGHT
         return Revalidated(listings, files)
+
+    def _pool(self, jobs: int) -> ThreadPoolExecutor | None:
+        """The fan-out threads, for a batch worth spreading on storage measured as slow."""
+        if jobs < 2 or not self._may_fan_out or self.stat_seconds < SLOW_STAT_SECONDS:
+            return None
+        if self._fan_out is None:
+            log.info("stats average %.0f us: issuing a request's stats in parallel",
+                     self.stat_seconds * 1e6)
+            self._fan_out = ThreadPoolExecutor(max_workers=FAN_OUT_THREADS,
+                                               thread_name_prefix="stat")
+        return self._fan_out
+
+    def close(self) -> None:
+        """Stop the fan-out threads (at shutdown)."""
+        if self._fan_out is not None:
+            self._fan_out.shutdown(wait=False, cancel_futures=True)
+            self._fan_out = None
 
     def _current(self, path: str, *, fresh: bool = False) -> Listing:
         """The listing of ``path`` as of now; ``fresh`` asks the file server rather than the
@@ -312,18 +387,17 @@ class DirectoryView:
         cached = self._listings.get(path)
         if cached is not None and cached.settled:
             try:
-                now = fresh_stat(path)[0] if fresh else Fingerprint.of_path(path)
+                now = fresh_stat(path) if fresh else _stat(path)
             except OSError:
                 return _missing(path)
-            if now == cached.fingerprint:
+            if now[0] == cached.fingerprint:
                 return cached
-        elif fresh:
+            return read_listing(path, self.root, allow_outside=self._allow_outside, seen=now)
+        seen = None
+        if fresh:
             with contextlib.suppress(OSError):
-                fresh_stat(path)  # refresh the kernel's view before reading the entries
-        listing = read_listing(path, self.root, allow_outside=self._allow_outside)
-        if listing.exists:
-            self.listings_read += 1
-        return listing
+                seen = fresh_stat(path)  # the file server's view, not the attribute cache's
+        return read_listing(path, self.root, allow_outside=self._allow_outside, seen=seen)
 
     def forget(self, keep: Callable[[str], bool]) -> None:
         """Drop cached listings of directories ``keep`` rejects (rescan housekeeping)."""

@@ -117,6 +117,10 @@ class Metrics:
         self.preparation_bytes = Counter(
             "registry_preparation_filled_bytes",
             "Blob bytes background preparation decompressed into the blob cache", registry=reg)
+        self.preparation_surveys = Counter(
+            "registry_preparation_surveys",
+            "Walks of the image directory background preparation finished (the first one "
+            "tells that a new node knows which archives it has to prepare)", registry=reg)
         self.preparation_seconds = Counter(
             "registry_preparation_seconds", "Time background preparation spent on archives",
             registry=reg)
@@ -194,6 +198,7 @@ class Metrics:
             (self.cache_fills, now.fills, last.fills),
             (self.preparation_bytes, now.filled_bytes, last.filled_bytes),
             (self.preparation_seconds, now.seconds, last.seconds),
+            (self.preparation_surveys, now.surveys, last.surveys),
         ))
         self._synced_preparation = dataclasses.replace(now)
         self.preparation_active.set(1 if preparer.active else 0)

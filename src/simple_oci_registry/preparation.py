@@ -63,7 +63,7 @@ from simple_oci_registry.archive import (
     ArchiveKind,
     ArchiveLimits,
     StaleArchiveError,
-    detect_kind,
+    identify,
     open_archive,
 )
 from simple_oci_registry.blobcache import BlobCache
@@ -72,12 +72,13 @@ from simple_oci_registry.directory import DirectoryView, Listing
 from simple_oci_registry.fingerprint import Fingerprint
 from simple_oci_registry.layout import load_layout
 
-__all__ = ["PREPARE_SHARE", "Outcome", "Plan", "PreparationStats", "PreparationStatus",
-           "Preparer", "Survey", "plan_preparation", "prepare_archive", "read_status",
-           "write_status"]
+__all__ = ["KINDS_FILE", "PREPARE_SHARE", "Outcome", "Plan", "PreparationStats",
+           "PreparationStatus", "Preparer", "Survey", "load_kinds", "plan_preparation",
+           "prepare_archive", "read_status", "save_kinds", "write_status"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Kind = tuple[Fingerprint, bool]  # an archive's fingerprint when sniffed, and "is compressed"
 
 PREPARE_SHARE: Final = 0.5  # of --cache-max-bytes, prepared ahead; the rest is for first use
 PREPARE_INTERVAL_SECONDS: Final = 5.0  # between walks when nothing is left to prepare
@@ -88,6 +89,7 @@ LEASE_RETRY_SECONDS: Final = 5.0
 SURVEY_IDLE_FACTOR: Final = 4.0
 LEASE_FILE: Final = "preparer.lock"
 STATUS_FILE: Final = "preparation.json"
+KINDS_FILE: Final = "preparation-survey.json"  # what the last survey saw, kept over restarts
 _COMPRESSED: Final = (ArchiveKind.GZIP, ArchiveKind.ZSTD)
 _REASON_MAX: Final = 500
 
@@ -112,6 +114,7 @@ class PreparationStats:
     """Counters the metrics endpoint reads: work the child process did for this worker."""
 
     jobs: int = 0
+    surveys: int = 0  # walks of the image directory finished
     decompressions: int = 0
     fills: int = 0
     filled_bytes: int = 0
@@ -196,6 +199,32 @@ def write_status(cache_dir: Path, status: PreparationStatus) -> None:
             os.unlink(tmp)
 
 
+def load_kinds(cache_dir: Path) -> dict[str, Kind]:
+    """What the node's last survey saw (``KINDS_FILE``), or nothing when it is unreadable:
+    then the first survey looks at every archive again, as on a new node."""
+    try:
+        raw = json.loads((cache_dir / KINDS_FILE).read_bytes())
+        return {str(path): (Fingerprint(*(int(v) for v in item[:6])), bool(item[6]))
+                for path, item in raw.items()}
+    except (OSError, ValueError, TypeError, AttributeError, IndexError):
+        return {}
+
+
+def save_kinds(cache_dir: Path, kinds: Mapping[str, Kind]) -> None:
+    """Remember the survey in the node's cache (atomically), so that a restarted server does
+    not open every archive of the shared directory again to learn what it already knew."""
+    fd, tmp = tempfile.mkstemp(dir=cache_dir / "tmp", prefix="kinds")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump({path: [*dataclasses.astuple(fingerprint), compressed]
+                       for path, (fingerprint, compressed) in kinds.items()}, out)
+        os.replace(tmp, cache_dir / KINDS_FILE)
+    except OSError as exc:
+        log.debug("cannot remember the survey: %s", exc)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
 def _try_lease(cache_dir: Path) -> int | None:
     """The lease descriptor if this process now holds the node's preparation lease."""
     fd = os.open(cache_dir / LEASE_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -218,7 +247,7 @@ class Preparer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
         self._directory = DirectoryView(config.root,
                                         allow_outside=config.allow_outside_symlinks,
-                                        executor=self._executor)
+                                        executor=self._executor, fan_out=False)
         self._cache_dir = cache.directory
         self._max_bytes = cache.max_bytes
         self._budget = int(cache.max_bytes * PREPARE_SHARE)
@@ -230,7 +259,8 @@ class Preparer:
         self._lease: int | None = None
         self._child: asyncio.subprocess.Process | None = None
         self._surveyed: dict[str, tuple[Listing, dict[str, Fingerprint]]] = {}
-        self._kinds: dict[str, tuple[Fingerprint, bool]] = {}  # path -> (seen at, compressed)
+        self._kinds: dict[str, Kind] = {}  # path -> (seen at, compressed)
+        self._kinds_loaded = False
         self._done: dict[str, Outcome] = {}
         self._full_survey_at = float("-inf")
         self.active = False  # holds the node's lease
@@ -334,49 +364,77 @@ class Preparer:
         return found
 
     async def _survey(self, listings: Sequence[Listing]) -> dict[str, Survey]:
-        """The compressed archives of ``listings`` with their fingerprints: archives of a
-        listing unchanged since the last walk are not stat'ed again, except on a full survey
-        every ``--rescan-interval`` (archives rewritten in place keep their directory's
-        stat)."""
+        """The compressed archives of ``listings`` with their fingerprints.
+
+        Work follows change: an unchanged listing's archives are not looked at again, and in
+        a changed listing only the entries that are new (a name or an inode not seen before)
+        are stat'ed and sniffed, so a publish into a folder of a thousand archives costs one
+        archive's look, not a thousand. Archives rewritten in place keep their inode and
+        their directory's stat: a full survey every ``--rescan-interval`` stats them all.
+        """
         now = time.monotonic()
+        if not self._kinds_loaded:
+            self._kinds_loaded = True
+            self._kinds = await self._run(load_kinds, self._cache_dir)
+            if self._kinds:
+                # A restart on a node that surveyed before: what the node saw is trusted
+                # for as long as an inode did not change, until the next full survey.
+                self._full_survey_at = now
         full = now - self._full_survey_at >= self._full_survey_seconds
         if full:
             self._full_survey_at = now
         stale = [listing for listing in listings if full
                  or (old := self._surveyed.get(listing.path)) is None or old[0] is not listing]
-        fresh = await self._run(self._stat_archives, stale)
+        before = dict(self._kinds)
+        fresh = await self._run(self._stat_archives, stale, full)
         keep = {listing.path for listing in listings}
         self._surveyed = {p: v for p, v in self._surveyed.items() if p in keep}
         self._surveyed.update(fresh)
-        alive = {path for _, files in self._surveyed.values() for path in files}
+        alive = {entry.path for listing, _ in self._surveyed.values()
+                 for entry in listing.archives}
         self._kinds = {p: k for p, k in self._kinds.items() if p in alive}
+        if self._kinds != before:
+            await self._run(save_kinds, self._cache_dir, self._kinds)
+        self.stats.surveys += 1
         return {path: Survey(path, fingerprint) for _, files in self._surveyed.values()
                 for path, fingerprint in files.items()}
 
-    def _stat_archives(self, listings: Sequence[Listing],
+    def _stat_archives(self, listings: Sequence[Listing], full: bool,
                        ) -> dict[str, tuple[Listing, dict[str, Fingerprint]]]:
-        """Blocking: stat each archive file; read the first bytes of new versions only."""
+        """Blocking: stat each new archive file (each one on a full survey) and read the
+        first bytes of new versions only."""
         result: dict[str, tuple[Listing, dict[str, Fingerprint]]] = {}
         for listing in listings:
             files: dict[str, Fingerprint] = {}
             for entry in listing.archives:
                 if entry.is_dir:
                     continue  # layout directories have nothing to decompress
-                started = time.monotonic()
-                try:
-                    fingerprint = Fingerprint.of_path(entry.path)
-                    known = self._kinds.get(entry.path)
-                    if known is None or known[0] != fingerprint:
-                        known = (fingerprint, detect_kind(entry.path) in _COMPRESSED)
-                        self._kinds[entry.path] = known
-                except (OSError, ArchiveError):
-                    continue  # gone, or not an archive: the request path reports it
-                finally:
-                    time.sleep((time.monotonic() - started) * SURVEY_IDLE_FACTOR)
+                known = self._kinds.get(entry.path)
+                if full or known is None or known[0].inode != entry.inode:
+                    known = self._look(entry.path, known)
+                if known is None:
+                    continue
                 if known[1]:
-                    files[entry.path] = fingerprint
+                    files[entry.path] = known[0]
             result[listing.path] = (listing, files)
         return result
+
+    def _look(self, path: str, known: Kind | None) -> Kind | None:
+        """Blocking and paced: stat one archive, and sniff its kind when it is a new version;
+        None when it is gone or not an archive (the request path reports that)."""
+        started = time.monotonic()
+        try:
+            # A known archive's stat tells whether it changed; a new one (or a changed one)
+            # is opened once for its fingerprint and its first bytes.
+            if known is not None and Fingerprint.of_path(path) == known[0]:
+                return known
+            fingerprint, kind = identify(path)
+            known = self._kinds[path] = (fingerprint, kind in _COMPRESSED)
+            return known
+        except (OSError, ArchiveError):
+            return None
+        finally:
+            time.sleep((time.monotonic() - started) * SURVEY_IDLE_FACTOR)
 
     def _invalidate(self, path: str) -> None:
         """Make the next walk stat the archive's directory's archives again."""

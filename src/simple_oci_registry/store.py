@@ -373,6 +373,7 @@ class ImageStore:
         self._retired.clear()
         if self._local_pins is not None:
             self._local_pins.close()
+        self.directory.close()
 
     # ------------------------------------------------------------------ resolution
 
@@ -385,7 +386,7 @@ class ImageStore:
         own = memo is not None and memo.own  # look into the name's folder
         beside = not own or memo is None or memo.parent  # look beside it (patterns 3-5)
         candidates: list[Candidate] = []
-        forced = False
+        forced = self._first_look(name)
         for _attempt in range(_ATTEMPTS):
             dirs = ([name_dir] if own else []) + ([parent] if beside else [])
             hint = self._current.get(memo.winners.get(tag, "")) if memo is not None else None
@@ -417,6 +418,19 @@ class ImageStore:
         raise RegistryError(ErrorCode.MANIFEST_UNKNOWN,
                             self._why_missing(name, candidates, tag))
 
+    def _first_look(self, name: str) -> bool:
+        """Should the first look for ``name`` ask the file server (as a miss does)?
+
+        Yes for a name this worker never answered, when its parent may be re-asked now: such
+        a request most likely ends in a 404, and that 404 must come from a look with the file
+        server; taking it first makes it the only look (one round trip, not two). The same
+        per-directory rate limit as a miss's recheck bounds a flood of unknown names.
+        """
+        if name in self._memo:
+            return False
+        _, parent, _ = split_name(self._root, name)
+        return self.directory.recheck_due([parent])
+
     async def _lookup(self, name: str, *, miss: bool = False) -> _Lookup:
         """Every current candidate of ``name`` (both folders), with the directories checked."""
         name_dir, parent, base = split_name(self._root, name)
@@ -437,7 +451,7 @@ class ImageStore:
         in candidate order, then retired ones, then pins other workers retired."""
         candidates: list[Candidate] = []
         adopted = self._pins is None or self._grace <= 0
-        forced = False
+        forced = self._first_look(name)
         for _attempt in range(_ATTEMPTS):
             looked = await self._lookup(name, miss=forced)
             candidates = looked.candidates
@@ -466,7 +480,7 @@ class ImageStore:
         return None, candidates
 
     async def _all_current(self, name: str) -> list[tuple[Candidate, _Held]]:
-        forced = False
+        forced = self._first_look(name)
         for _attempt in range(_ATTEMPTS):
             looked = await self._lookup(name, miss=forced)
             if looked.candidates:
