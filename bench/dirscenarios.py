@@ -10,9 +10,13 @@ in the big one; wrk rotates the request paths with a generated Lua script.
 
 ``fuse``: the directory served through ``bench.latencyfs`` (every metadata operation delayed,
 1 ms by default), once without attribute caching (NFS ``noac``) and once with 1 s timeouts
-(``actimeo=1``). For each: the first manifest of a fresh server, immediate repeats, a warm
-manifest once a second has passed, a 404 of a never-seen name, and the manifest of an archive
-just replaced by rename, each with its latency and the filesystem operations it caused.
+(``actimeo=1``). For each: the first manifest of a server just started, immediate repeats, a
+warm manifest once a second has passed, a 404 of a never-seen name, and the manifest of an
+archive just replaced by rename, each with its latency and the filesystem operations it caused.
+The servers of one mode are restarts on one node: they keep its cache directory. Before the
+warm step the node is brought to its steady state: background preparation has finished its
+first walk of the directory (a new node's survey, which the first server of each mode makes
+and the run's notes time) and the name has been served by every worker.
 """
 
 from __future__ import annotations
@@ -66,8 +70,13 @@ _PAST_WINDOW: Final[float] = 1.2
 once-a-second recheck of a missed directory, the steady state of a name asked for less than
 once a second (the server itself trusts nothing for a time: it stats on every request)."""
 _REPEATS: Final[int] = 3
+_SPREAD: Final[int] = 12
+"""Requests (each on a new connection) that make a name warm on the node: the kernel spreads
+connections over the workers, so each worker has served it unless one missed all twelve
+(a chance of 2 in 4,096 with two workers)."""
+_SURVEY_TIMEOUT: Final[float] = 300.0
 FS_STEPS: Final[tuple[tuple[str, str], ...]] = (
-    ("first", "1st manifest, fresh server"),
+    ("first", "1st manifest, server just started"),
     ("repeat", "manifest repeated at once"),
     ("warm", f"warm manifest, {_PAST_WINDOW:g} s later"),
     ("unknown", "404, never-seen name"),
@@ -259,12 +268,15 @@ class Recorder(Protocol):
 Starter = Callable[[Path, str], RunningServer]
 
 
-def _starter(scratch: Path) -> Starter:
-    """Our server as users run it: default workers and logging (access log to a file)."""
+def _starter(scratch: Path, *, node_cache: bool = False) -> Starter:
+    """Our server as users run it: default workers and logging (access log to a file). Each
+    server gets a cache directory of its own, or with ``node_cache`` the one of its label:
+    a restart on the same node."""
     counter = iter(range(1_000_000))
 
     def start(directory: Path, label: str) -> RunningServer:
-        cache = scratch / "caches" / f"{label}-{next(counter)}"
+        which = label if node_cache else f"{label}-{next(counter)}"
+        cache = scratch / "caches" / which
         cache.mkdir(parents=True, exist_ok=True)
         return start_ours(
             directory, scratch, workers=None, log_level=None, cache_dir=cache, label=label
@@ -346,6 +358,31 @@ def _record(out: Measured, prefix: str, step: str, got: Fetch, ops: Mapping[str,
         out.setdefault(f"{prefix}_{step}_ops_{kind}", []).append(float(ops.get(kind, 0)))
 
 
+def _surveys(port: int) -> float:
+    """``registry_preparation_surveys_total`` of the node (0 until the first walk ends)."""
+    got = fetch(HOST, port, "/metrics", keep_body=True)
+    for line in got.body.decode().splitlines():
+        if line.startswith("registry_preparation_surveys_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def settle(port: int, path: str) -> float:
+    """Bring the node to its steady state before a warm request: background preparation has
+    walked the directory once (a new node surveys every archive, paced to leave the storage
+    idle most of the time), and every worker has served ``path``. Returns the seconds waited
+    for the survey."""
+    started = time.monotonic()
+    while _surveys(port) < 1:
+        if time.monotonic() - started > _SURVEY_TIMEOUT:
+            raise RuntimeError(f"no preparation survey finished in {_SURVEY_TIMEOUT:g} s")
+        time.sleep(0.25)
+    waited = time.monotonic() - started
+    for _ in range(_SPREAD):
+        fetch(HOST, port, path, headers=_ACCEPT)
+    return waited
+
+
 def replace_archive(flat: FlatDir, index: int) -> str:
     """Publish the other version of archive ``index`` by rename; returns its manifest digest."""
     target = flat.archive(index)
@@ -375,6 +412,12 @@ def fs_sequence(
         for _ in range(_REPEATS):
             got, ops = _timed(fs, server.port, path, 200)
             _record(out, prefix, "repeat", got, ops)
+        waited = settle(server.port, path)
+        if waited > 1:
+            notes.append(
+                f"FUSE {mode.label}: the node's first preparation survey of "
+                f"{flat.count:,} archives took {waited:.1f} s (waited before the warm step)"
+            )
         time.sleep(_PAST_WINDOW)
         got, ops = _timed(fs, server.port, path, 200)
         _record(out, prefix, "warm", got, ops)
@@ -394,9 +437,10 @@ def fs_sequence(
 
 
 def fs_latencies(run: Recorder, dplan: DirPlan, latency: float) -> Measured:
-    """Both cache modes, ``fs_reps`` fresh servers each, on one mounted copy of the directory."""
+    """Both cache modes, ``fs_reps`` server starts each (restarts on one node: the cache
+    directory is kept), on one mounted copy of the directory."""
     scratch = run.scratch("fuse")
-    start = _starter(scratch)
+    start = _starter(scratch, node_cache=True)
     flat = build_flat_dir(run.work, dplan.fs_dir, label="fs")
     out: Measured = {}
     for mode in fs_modes(latency):

@@ -6,7 +6,13 @@ import os
 import time
 from pathlib import Path
 
-from simple_oci_registry.directory import RACY_SECONDS, DirectoryView, Probe, read_listing
+from simple_oci_registry.directory import (
+    RACY_SECONDS,
+    SLOW_STAT_SECONDS,
+    DirectoryView,
+    Probe,
+    read_listing,
+)
 
 
 def test_listing_indexes_archives_for_each_pattern(tmp_path: Path) -> None:
@@ -39,3 +45,20 @@ async def test_checks_reread_only_changed_directories(tmp_path: Path) -> None:
     result = await view.check([], [probe])
     assert result.files[probe] is not None
     assert result.files[probe].inode == os.stat(probe.path).st_ino  # type: ignore[union-attr]
+
+
+async def test_a_local_disk_keeps_the_stats_of_a_check_on_one_thread(tmp_path: Path) -> None:
+    """Fan-out is for storage where a stat is a round trip; on a local disk a stat takes
+    microseconds and spreading a check over threads would only add hand-offs."""
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "a" / "x.oci").write_bytes(b"")
+    view = DirectoryView(str(tmp_path))
+    probe = Probe(str(tmp_path / "a" / "x.oci"))
+    try:
+        for _ in range(30):
+            await view.check([str(tmp_path / n) for n in ("a", "b", "c")], [probe])
+        assert view.stat_seconds < SLOW_STAT_SECONDS
+        assert view.stats_calls == 30 * 4
+    finally:
+        view.close()

@@ -220,6 +220,26 @@ class Archive(ABC):
         self.cache = cache
         self.aliases: Mapping[str, str] = {}  # link member -> the member it links to
         self._digests: dict[str, str] = {}
+        self._lent: int | None = None  # a descriptor to read through during one pass
+
+    @contextlib.contextmanager
+    def lent(self, fd: int) -> Iterator[None]:
+        """Read members through ``fd`` (an open descriptor of this archive's file, owned by
+        the caller for the whole block) instead of opening the file for each read.
+
+        Indexing reads a handful of members; on a file server each open and its fstat are
+        round trips, so the pass reads with ``pread`` and checks the file once, at the end:
+        if the bytes changed meanwhile (rewritten in place) StaleArchiveError is raised and
+        the caller indexes again. Readers opened for streaming never use ``fd``: they must
+        outlive the block.
+        """
+        self._lent = fd
+        try:
+            yield
+        finally:
+            self._lent = None
+        if not self.fingerprint.same_bytes(Fingerprint.of_fd(fd)):
+            raise StaleArchiveError(f"{self.path} changed while it was indexed")
 
     @abstractmethod
     def read_member(self, name: str, limit: int) -> bytes:
@@ -339,16 +359,26 @@ def _archive_kind(head: bytes) -> ArchiveKind:
 
 
 def open_archive(path: str, limits: ArchiveLimits | None = None,
-                 cache: BlobCache | None = None, *, source: str | None = None) -> Archive:
+                 cache: BlobCache | None = None, *, source: str | None = None,
+                 fd: int | None = None) -> Archive:
     """Index the archive at ``path`` (blocking); ``cache`` serves compressed archives.
 
     ``source``, when given, is where the file is opened instead of ``path`` (a pinned
     descriptor, :func:`pin_source`); ``path`` stays the archive's name in logs and cache keys.
+    ``fd``, an open descriptor of that file, is read with ``pread`` for the scan of an
+    uncompressed tar instead of opening it again (each open is a round trip on NFS).
     """
     limits = limits or ArchiveLimits()
-    kind = detect_kind(source or path)
+    st = os.fstat(fd) if fd is not None else None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        assert fd is not None
+        kind = _archive_kind(os.pread(fd, HEAD_BYTES, 0))
+    else:
+        kind = detect_kind(source or path)
     archive: Archive
-    if kind is ArchiveKind.TAR:
+    if kind is ArchiveKind.TAR and fd is not None and st is not None:
+        archive = TarArchive.scan_fd(path, limits, fd, Fingerprint.of(st), source=source)
+    elif kind is ArchiveKind.TAR:
         archive = TarArchive.scan(path, limits, source=source)
     elif kind is ArchiveKind.DIRECTORY:
         archive = DirectoryArchive.scan(path, limits)
@@ -585,21 +615,35 @@ class TarArchive(Archive):
     @classmethod
     def scan(cls, path: str, limits: ArchiveLimits, *, source: str | None = None) -> TarArchive:
         with _open_regular(source or path) as f:
-            fingerprint = Fingerprint.of_fd(f.fileno())
-            entries: list[tuple[tarfile.TarInfo, str]] = []
-            try:
-                with tarfile.open(fileobj=f, mode="r:", tarinfo=_GuardedTarInfo) as tf:
-                    for count, info in enumerate(tf, 1):
-                        # A header may announce more bytes than the file holds (truncated
-                        # copy, lying size), or a negative size (GNU base-256), which makes
-                        # tarfile seek backwards, possibly onto an earlier header forever.
-                        _check_extent(info, fingerprint.size, "the end of the file (truncated?)")
-                        _check_count(count, limits)
-                        name = _normalise(info.name)
-                        if name is not None:
-                            entries.append((info, name))
-            except (tarfile.TarError, EOFError) as exc:
-                raise ArchiveError(f"unreadable tar: {exc}") from exc
+            return cls._scan(path, limits, f, Fingerprint.of_fd(f.fileno()), source)
+
+    @classmethod
+    def scan_fd(cls, path: str, limits: ArchiveLimits, fd: int, fingerprint: Fingerprint, *,
+                source: str | None = None) -> TarArchive:
+        """Scan through a descriptor the caller keeps open, with positional reads (its file
+        offset may be shared with other processes holding the same pin)."""
+        # Headers of small members often share one 64 KiB read (seeks within the buffer
+        # cost nothing); after a large member the next header is one more read.
+        with io.BufferedReader(_PositionalReader(fd), buffer_size=1 << 16) as f:
+            return cls._scan(path, limits, cast(IO[bytes], f), fingerprint, source)
+
+    @classmethod
+    def _scan(cls, path: str, limits: ArchiveLimits, f: IO[bytes], fingerprint: Fingerprint,
+              source: str | None) -> TarArchive:
+        entries: list[tuple[tarfile.TarInfo, str]] = []
+        try:
+            with tarfile.open(fileobj=f, mode="r:", tarinfo=_GuardedTarInfo) as tf:
+                for count, info in enumerate(tf, 1):
+                    # A header may announce more bytes than the file holds (truncated
+                    # copy, lying size), or a negative size (GNU base-256), which makes
+                    # tarfile seek backwards, possibly onto an earlier header forever.
+                    _check_extent(info, fingerprint.size, "the end of the file (truncated?)")
+                    _check_count(count, limits)
+                    name = _normalise(info.name)
+                    if name is not None:
+                        entries.append((info, name))
+        except (tarfile.TarError, EOFError) as exc:
+            raise ArchiveError(f"unreadable tar: {exc}") from exc
         table = _collect(entries, limits)
         archive = cls(path, fingerprint, table.members)
         archive.aliases = table.aliases
@@ -608,8 +652,11 @@ class TarArchive(Archive):
 
     def read_member(self, name: str, limit: int) -> bytes:
         member = self._member(name, limit)
-        with _open_checked(self.source, self.fingerprint) as f:
-            data = os.pread(f.fileno(), member.size, member.offset)
+        if self._lent is not None:
+            data = os.pread(self._lent, member.size, member.offset)  # checked when returned
+        else:
+            with _open_checked(self.source, self.fingerprint) as f:
+                data = os.pread(f.fileno(), member.size, member.offset)
         if len(data) != member.size:
             raise StaleArchiveError(f"{self.path} is shorter than indexed")
         return data
@@ -621,8 +668,46 @@ class TarArchive(Archive):
 
     def head(self, name: str) -> bytes:
         member = self._member(name)
+        size = min(member.size, HEAD_BYTES)
+        if self._lent is not None:
+            return os.pread(self._lent, size, member.offset)
         with _open_checked(self.source, self.fingerprint) as f:
-            return os.pread(f.fileno(), min(member.size, HEAD_BYTES), member.offset)
+            return os.pread(f.fileno(), size, member.offset)
+
+
+class _PositionalReader(io.RawIOBase):
+    """A read-only file over a descriptor it does not own (closing it leaves the descriptor
+    open), keeping its own position: every read is a ``pread``, so the descriptor's shared
+    offset is never used or moved."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = os.preadv(self._fd, [buffer], self._pos)
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_CUR:
+            offset += self._pos
+        elif whence == os.SEEK_END:
+            offset += os.fstat(self._fd).st_size
+        if offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = offset
+        return offset
+
+    def tell(self) -> int:
+        return self._pos
 
 
 class _BoundedReader(io.RawIOBase):

@@ -571,7 +571,13 @@ class ImageStore:
             # Removed since the listing was read: gone, not broken (the next check sees it).
             log.debug("%s vanished before it was indexed", self._relative(candidate.path))
             return None
-        except (ArchiveError, StaleArchiveError, OSError) as exc:
+        except StaleArchiveError as exc:
+            # Rewritten while it was read: not broken either; the newer bytes are indexed
+            # by the next look (remembering them as broken would hide them until they
+            # change again).
+            log.debug("%s: %s", self._relative(candidate.path), exc)
+            return None
+        except (ArchiveError, OSError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             with contextlib.suppress(OSError):
                 fingerprint = await asyncio.to_thread(Fingerprint.of_path, candidate.path)
@@ -607,8 +613,10 @@ class ImageStore:
             inode = candidate.inode if candidate.is_dir else layout.archive.fingerprint.inode
             return _Held(layout, inode)
         try:
-            layout = load_layout(open_archive(candidate.path, self._limits, self.cache,
-                                              source=pin_source(pinned.fd)))
+            archive = open_archive(candidate.path, self._limits, self.cache,
+                                   source=pin_source(pinned.fd), fd=pinned.fd)
+            with archive.lent(pinned.fd):  # reads through the pin: no open per member
+                layout = load_layout(archive)
         except BaseException:
             os.close(pinned.fd)
             raise
