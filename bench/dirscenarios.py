@@ -71,9 +71,9 @@ once-a-second recheck of a missed directory, the steady state of a name asked fo
 once a second (the server itself trusts nothing for a time: it stats on every request)."""
 _REPEATS: Final[int] = 3
 _SPREAD: Final[int] = 12
-"""Requests (each on a new connection) that make a name warm on the node: the kernel spreads
-connections over the workers, so each worker has served it unless one missed all twelve
-(a chance of 2 in 4,096 with two workers)."""
+"""Requests (each on a new connection) that make a name warm on the node: the workers share
+one accept queue and take turns with connections as they wake, so a dozen leave a worker that
+has not served the name only by a long run of bad luck."""
 _SURVEY_TIMEOUT: Final[float] = 300.0
 FS_STEPS: Final[tuple[tuple[str, str], ...]] = (
     ("first", "1st manifest, server just started"),

@@ -84,7 +84,9 @@ class Registry:
     # ------------------------------------------------------------------ lifecycle
 
     async def startup(self) -> None:
-        """Start the background tasks (call once the event loop runs)."""
+        """Read the image directory's listing and start the background tasks (call once the
+        event loop runs, before accepting connections)."""
+        await self.store.prime()
         if self.config.rescan_interval > 0:  # 0 disables the periodic rescan
             self._tasks.append(asyncio.create_task(self._rescan_loop(), name="rescan"))
         self._tasks.append(asyncio.create_task(self._metrics_loop(), name="metrics-sync"))

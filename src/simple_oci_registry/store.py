@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _ATTEMPTS: Final = 4  # checks per request when the directory keeps changing under it
 _MEMO_LIMIT: Final = 10_000
+PRIME_SECONDS: Final = 10.0  # a worker's start waits this long at most for the root listing
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +331,27 @@ class ImageStore:
             self._tag_file_cache.clear()
         self._tag_file_cache[listing.path] = (listing, result)
         return result
+
+    async def prime(self, timeout: float = PRIME_SECONDS) -> None:
+        """Read the image directory's listing before serving (worker startup).
+
+        Nearly every name's answer depends on the root's listing (the parent of a one-part
+        name, and where every host folder lives). Read here, the first request of a new
+        worker costs a stat of it instead of a read of ten thousand entries. Bounded: a
+        file server that does not answer must not keep the worker from serving health
+        probes; the first request then reads the listing itself.
+        """
+        started = time.perf_counter()
+        try:
+            checked = await asyncio.wait_for(self.directory.check([self._root]), timeout)
+        except TimeoutError:
+            log.warning("the image directory did not answer within %.0fs; serving anyway",
+                        timeout)
+            return
+        listing = checked.listings[self._root]
+        log.debug("read the image directory (%d archives, %d folders) in %.1f ms",
+                  len(listing.entries), len(listing.folders),
+                  (time.perf_counter() - started) * 1000)
 
     async def rescan(self) -> None:
         """Re-check every directory seen, retire archives that are gone, and forget what the
