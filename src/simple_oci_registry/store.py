@@ -94,22 +94,29 @@ class _Held:
     inode: int  # what the directory listing shows for the path while this is current
     pin: int | None = None  # owned duplicate of the node's pin (None: opened by path)
     retired_at: float | None = None
+    _probe: Probe | None = None
 
     @property
     def path(self) -> str:
         return self.layout.archive.path
 
     def probe(self) -> Probe:
-        archive = self.layout.archive
-        if archive.kind is ArchiveKind.DIRECTORY:
-            return Probe(os.path.join(archive.path, "index.json"))
-        return Probe(archive.path, self.pin)
+        """What a request stats to know this archive is unchanged (made once: every request
+        for the archive asks for it, and hashes it)."""
+        if self._probe is None:
+            archive = self.layout.archive
+            if archive.kind is ArchiveKind.DIRECTORY:
+                self._probe = Probe(os.path.join(archive.path, "index.json"))
+            else:
+                self._probe = Probe(archive.path, self.pin)
+        return self._probe
 
     def close(self) -> None:
         if self.pin is not None:
             with contextlib.suppress(OSError):
                 os.close(self.pin)
             self.pin = None
+            self._probe = None  # it named the descriptor just closed
 
 
 @dataclass(frozen=True, slots=True)
