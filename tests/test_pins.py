@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 from simple_oci_registry.fingerprint import Fingerprint
@@ -69,7 +70,7 @@ def test_workers_receive_pins_over_their_socket(tmp_path: Path) -> None:
     pinned = client.pin(str(path))
     assert pinned is not None and read_pinned(pinned.fd) == b"v1"
     replace(path, b"v2")
-    client.gone(str(path), pinned.fingerprint)
+    client.gone(str(path), pinned.fingerprint, time.monotonic())
     [old] = client.superseded("app")
     assert old.fingerprint == pinned.fingerprint and read_pinned(old.fd) == b"v1"
     assert client.pin(str(tmp_path / "missing.oci")) is None
@@ -78,6 +79,23 @@ def test_workers_receive_pins_over_their_socket(tmp_path: Path) -> None:
     theirs.close()
     thread.join(timeout=5)
     assert not thread.is_alive()  # the service ends with its worker
+
+
+def test_the_grace_period_starts_when_the_worker_saw_the_file_go(tmp_path: Path) -> None:
+    """Workers send ``gone`` in the background: a message that arrives late must not give
+    the pin a longer grace period than the one the worker started."""
+    now = [1000.0]
+    path = tmp_path / "app.oci"
+    path.write_bytes(b"v1")
+    table = PinTable(str(tmp_path), grace=60, clock=lambda: now[0])
+    got = table.pin(str(path))
+    assert got is not None
+    os.close(got[1])
+    path.unlink()
+    now[0] = 1030.0  # the message arrives 30 s after the worker retired the archive
+    table.gone(str(path), got[0], at=1000.0)
+    now[0] = 1061.0
+    assert table.superseded("app") == []  # expired 60 s after 1000, not after 1030
 
 
 def test_superseded_duplicates_only_what_it_returns(tmp_path: Path) -> None:

@@ -66,9 +66,10 @@ class Pins(Protocol):
         archives ``name`` can reach."""
         ...
 
-    def gone(self, path: str, fingerprint: Fingerprint) -> None:
-        """Tell the table that ``path`` no longer names this file (deleted, or renamed over):
-        its pin starts its grace period."""
+    def gone(self, path: str, fingerprint: Fingerprint, at: float) -> None:
+        """Tell the table that ``path`` no longer names this file (deleted, or renamed over)
+        since ``at`` (CLOCK_MONOTONIC, the same in every process of the node): its pin's
+        grace period starts then, however late the message arrives."""
         ...
 
 
@@ -158,9 +159,9 @@ class PinTable:
             # The most recently superseded first: those are what straddling pulls ask for.
             return [(p.path, p.fingerprint, os.dup(p.fd)) for p in gone[-_MAX_FDS:]]
 
-    def gone(self, path: str, fingerprint: Fingerprint) -> None:
+    def gone(self, path: str, fingerprint: Fingerprint, at: float | None = None) -> None:
         with self._lock:
-            now = self.clock()
+            now = self.clock() if at is None else min(at, self.clock())
             for pin in self._pins.get(path, ()):
                 if pin.superseded_at is None and pin.fingerprint == fingerprint:
                     pin.superseded_at = now
@@ -231,8 +232,8 @@ class LocalPins:
     def superseded(self, name: str) -> list[Pinned]:
         return [Pinned(p, f, fd) for p, f, fd in self.table.superseded(name)]
 
-    def gone(self, path: str, fingerprint: Fingerprint) -> None:
-        self.table.gone(path, fingerprint)
+    def gone(self, path: str, fingerprint: Fingerprint, at: float) -> None:
+        self.table.gone(path, fingerprint, at)
 
 
 def _encode_fp(fp: Fingerprint) -> list[int]:
@@ -306,9 +307,9 @@ class PinClient:
                 os.close(fd)
         return pinned
 
-    def gone(self, path: str, fingerprint: Fingerprint) -> None:
+    def gone(self, path: str, fingerprint: Fingerprint, at: float) -> None:
         try:
-            self._call({"op": "gone", "path": path, "fp": _encode_fp(fingerprint)})
+            self._call({"op": "gone", "path": path, "fp": _encode_fp(fingerprint), "at": at})
         except (OSError, ValueError) as exc:
             log.warning("pin table unavailable: %s", exc)
 
@@ -338,7 +339,8 @@ def serve_pins(table: PinTable, sock: socket.socket) -> None:
                     reply["pins"] = [[path, _encode_fp(fp)] for path, fp, _ in found]
                     fds = [fd for _, _, fd in found]
                 elif op == "gone":
-                    table.gone(str(request["path"]), _decode_fp(request["fp"]))
+                    table.gone(str(request["path"]), _decode_fp(request["fp"]),
+                               float(request["at"]))
                 socket.send_fds(sock, [json.dumps(reply).encode()], fds)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):  # out of descriptors: no pin

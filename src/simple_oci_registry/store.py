@@ -687,16 +687,18 @@ class ImageStore:
             siblings.discard(path)
             if not siblings:
                 del self._by_dir[os.path.dirname(path)]
+        now = self._clock()
         if self._grace <= 0 or held.pin is None:
             held.close()
         else:
-            held.retired_at = self._clock()
+            held.retired_at = now
             self._retired.append(held)
         self._expire()
         if self._pins is not None and held.pin is not None:
             pins, fingerprint = self._pins, held.layout.archive.fingerprint
+            # Sent in the background: the grace period starts now, not when it arrives.
             task = asyncio.get_running_loop().run_in_executor(None, pins.gone, path,
-                                                              fingerprint)
+                                                              fingerprint, now)
             task.add_done_callback(lambda f: f.exception())
 
     def _expire(self) -> None:
