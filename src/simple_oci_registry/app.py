@@ -103,6 +103,7 @@ class Registry:
         if self.auth is not None:
             self.auth.close()
         self.store.close()
+        self.metrics.flush()  # the last requests' tally, before the worker exits
 
     def server(self, **kwargs: object) -> web.Server:
         """The aiohttp protocol factory serving this registry (kwargs go to ``web.Server``)."""
