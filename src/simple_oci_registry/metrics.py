@@ -1,9 +1,11 @@
 """Prometheus metrics at ``/metrics`` (prometheus-client).
 
-Request counts, durations and bytes are recorded once, in HTTP middleware, from the final
-status (so no handler path can forget or double-count). Store figures (archives indexed, index
-time, rescans, archive errors, cache entries) are copied from the store's counters by a small
-periodic sync, and so is the count of log lines dropped (see :class:`logs.LogOutput`).
+Request counts, durations and bytes are recorded once, by the request pipeline, from the
+final status (so no handler path can forget or double-count), into a per-worker tally that
+reaches prometheus-client once per event-loop iteration (see :meth:`Metrics.observe`). Store
+figures (archives indexed, index time, rescans, archive errors, cache entries) are copied from
+the store's counters by a small periodic sync, and so is the count of log lines dropped (see
+:class:`logs.LogOutput`).
 With several worker processes, prometheus-client's multiprocess mode keeps the
 values in files under ``PROMETHEUS_MULTIPROC_DIR`` so that a scrape answered by any worker
 reports the whole node.
