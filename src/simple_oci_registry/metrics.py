@@ -45,26 +45,40 @@ _BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # Upper bounds as prometheus-client keeps them: the last bucket (+Inf) takes the rest.
 _UPPER_BOUNDS: Final = (*(float(b) for b in _BUCKETS), math.inf)
 
-_Key = tuple[str, str, int]  # endpoint, method, status
 
+class _Series:
+    """One (endpoint, method, status): its prometheus-client children, and the requests it
+    answered since the last flush (kept for the series' life, so a flush allocates nothing)."""
 
-class _Tally:
-    """Requests of one (endpoint, method, status) answered since the last flush."""
+    __slots__ = ("buckets", "count", "duration", "requests", "response_bytes", "seconds",
+                 "sent")
 
-    __slots__ = ("buckets", "count", "seconds", "sent")
-
-    def __init__(self) -> None:
+    def __init__(self, requests: Counter, response_bytes: Counter, duration: Histogram) -> None:
+        self.requests = requests
+        self.response_bytes = response_bytes
+        self.duration = duration
         self.count = 0
         self.sent = 0
         self.seconds = 0.0
-        self.buckets = [0] * len(_UPPER_BOUNDS)  # per bucket, not cumulative
+        self.buckets: dict[int, int] = {}  # bucket index -> count (not cumulative)
 
     def add(self, sent: int, seconds: float) -> None:
         self.count += 1
         self.sent += sent
         self.seconds += seconds
         # The first bucket whose upper bound is >= seconds, as Histogram.observe picks it.
-        self.buckets[bisect.bisect_left(_UPPER_BOUNDS, seconds)] += 1
+        bucket = bisect.bisect_left(_UPPER_BOUNDS, seconds)
+        self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
+
+    def flush(self) -> None:
+        """Add the tally to prometheus-client's values and start a new one."""
+        self.requests.inc(self.count)
+        if self.sent:
+            self.response_bytes.inc(self.sent)
+        _observe_tallied(self.duration, self.seconds, self.buckets)
+        self.count = self.sent = 0
+        self.seconds = 0.0
+        self.buckets.clear()
 
 
 class Metrics:
@@ -153,10 +167,10 @@ class Metrics:
         self._synced_dropped = 0
         self._synced_dir = (0, 0)
         self._synced_cache = CacheStats()
-        # (endpoint, method, status) -> label children. Bounded: endpoint comes from a fixed
-        # set, method is folded onto one (see observe), status from HTTP.
-        self._children: dict[_Key, tuple[Counter, Counter, Histogram]] = {}
-        self._pending: dict[_Key, _Tally] = {}  # requests answered since the last flush
+        # By (endpoint, method, status). Bounded: endpoint comes from a fixed set, method is
+        # folded onto one (see observe), status from HTTP.
+        self._series: dict[tuple[str, str, int], _Series] = {}
+        self._touched: list[_Series] = []  # series that answered requests since the last flush
         self._flush_scheduled = False
 
     def observe(self, endpoint: str, method: str, status: int, sent: int,
@@ -177,10 +191,14 @@ class Metrics:
         if method not in _METHODS:
             method = "other"
         key = (endpoint, method, status)
-        tally = self._pending.get(key)
-        if tally is None:
-            tally = self._pending[key] = _Tally()
-        tally.add(sent, seconds)
+        series = self._series.get(key)
+        if series is None:  # memoised: labels() takes a lock and builds a key on every call
+            series = self._series[key] = _Series(
+                self.requests.labels(endpoint, method, str(status)),
+                self.response_bytes.labels(endpoint), self.duration.labels(endpoint))
+        if not series.count:
+            self._touched.append(series)
+        series.add(sent, seconds)
         if not self._flush_scheduled:
             try:
                 loop = asyncio.get_running_loop()
@@ -192,21 +210,10 @@ class Metrics:
 
     def flush(self) -> None:
         """Add the requests tallied since the last flush to prometheus-client's values."""
-        pending, self._pending = self._pending, {}
+        touched, self._touched = self._touched, []
         self._flush_scheduled = False
-        for (endpoint, method, status), tally in pending.items():
-            children = self._children.get((endpoint, method, status))
-            if children is None:
-                # Memoised: labels() takes a lock and builds a key on every call.
-                children = (self.requests.labels(endpoint, method, str(status)),
-                            self.response_bytes.labels(endpoint),
-                            self.duration.labels(endpoint))
-                self._children[(endpoint, method, status)] = children
-            requests, response_bytes, duration = children
-            requests.inc(tally.count)
-            if tally.sent:
-                response_bytes.inc(tally.sent)
-            _observe_tallied(duration, tally)
+        for series in touched:
+            series.flush()
 
     def sync(self, store: ImageStore, preparer: Preparer | None = None) -> None:
         """Copy the store's, the blob cache's and background preparation's counters (as
@@ -272,18 +279,18 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def _observe_tallied(histogram: Histogram, tally: _Tally) -> None:
-    """What ``histogram.observe`` of each tallied duration would have done, in one update
-    per touched bucket.
+def _observe_tallied(histogram: Histogram, seconds: float, buckets: dict[int, int]) -> None:
+    """What ``histogram.observe`` of each tallied duration would have done (their sum is
+    ``seconds``, their count by bucket index ``buckets``), in one update per touched bucket.
 
     prometheus-client has no batch observe, so this adds to the child's sum and bucket
     values as ``observe`` does (``_sum``, ``_buckets``: internal names, stable since 0.4;
     tests/test_metrics.py holds the rendered result equal to ``observe``'s).
     """
-    histogram._sum.inc(tally.seconds)
-    for bucket, count in zip(histogram._buckets, tally.buckets, strict=True):
-        if count:
-            bucket.inc(count)
+    histogram._sum.inc(seconds)
+    values = histogram._buckets
+    for index, count in buckets.items():
+        values[index].inc(count)
 
 
 def _add_deltas(pairs: Iterable[tuple[Counter, float, float]]) -> None:
