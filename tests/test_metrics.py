@@ -449,3 +449,25 @@ async def test_directory_and_grace_counters(aiohttp_client: MakeClient, tmp_path
     assert value(text, "registry_grace_hits_total") == 1
     assert value(text, "registry_directory_listings_read_total") >= 2  # app/, then again
     assert value(text, "registry_directory_stat_calls_total") >= 2
+
+
+async def test_requests_after_a_failed_update_are_still_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = Metrics()
+    child = metrics.requests.labels("manifest", "GET", "200")
+    original = child.inc
+
+    def failing(amount: float = 1) -> None:
+        raise OSError("the metrics file could not be written")
+
+    monkeypatch.setattr(child, "inc", failing)
+    metrics.observe("manifest", "GET", 200, 1536, 0.0007)
+    with pytest.raises(OSError):
+        metrics.flush()
+    monkeypatch.setattr(child, "inc", original)
+    metrics.observe("manifest", "GET", 200, 1536, 0.0007)
+    metrics.flush()
+    text = generate_latest(metrics.registry).decode()
+    assert value(parse(text), "registry_http_requests_total",
+                 endpoint="manifest", method="GET", status="200") == 1

@@ -47,8 +47,8 @@ _UPPER_BOUNDS: Final = (*(float(b) for b in _BUCKETS), math.inf)
 
 
 class _Series:
-    """One (endpoint, method, status): its prometheus-client children, and the requests it
-    answered since the last flush (kept for the series' life, so a flush allocates nothing)."""
+    """One (endpoint, method, status): its prometheus-client children (looked up once), and
+    the requests it answered since the last flush."""
 
     __slots__ = ("buckets", "count", "duration", "requests", "response_bytes", "seconds",
                  "sent")
@@ -71,14 +71,16 @@ class _Series:
         self.buckets[bucket] = self.buckets.get(bucket, 0) + 1
 
     def flush(self) -> None:
-        """Add the tally to prometheus-client's values and start a new one."""
-        self.requests.inc(self.count)
-        if self.sent:
-            self.response_bytes.inc(self.sent)
-        _observe_tallied(self.duration, self.seconds, self.buckets)
+        """Add the tally to prometheus-client's values and start a new one (first, so that
+        a failed update cannot leave a tally behind that no flush would take again)."""
+        count, sent, seconds, buckets = self.count, self.sent, self.seconds, self.buckets
         self.count = self.sent = 0
         self.seconds = 0.0
-        self.buckets.clear()
+        self.buckets = {}
+        self.requests.inc(count)
+        if sent:
+            self.response_bytes.inc(sent)
+        _observe_tallied(self.duration, seconds, buckets)
 
 
 class Metrics:
