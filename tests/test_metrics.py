@@ -20,11 +20,13 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import RawTestServer, TestClient
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from simple_oci_registry.app import Registry, make_app
 from simple_oci_registry.config import Config
 from simple_oci_registry.fingerprint import Fingerprint
+from simple_oci_registry.metrics import Metrics
 from simple_oci_registry.store import ImageStore
 from tests.images import StandardImages, build_standard_images
 from tests.server import RegistryProcess, child_pids
@@ -68,6 +70,59 @@ async def serve(aiohttp_client: MakeClient, directory: Path) -> tuple[Client, Re
 
 
 # ------------------------------------------------------------------------------ in process
+
+
+def _duration_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines()
+            if line.startswith("registry_http_request_duration_seconds")
+            and not line.startswith("registry_http_request_duration_seconds_created")]
+
+
+def test_tallied_durations_render_as_observe_renders_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Durations added to the histogram in one update per bucket (metrics._observe_tallied
+    uses prometheus-client internals) render exactly as one observe() each does."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    # Bucket bounds themselves (le is inclusive), between them, past the last, and zero.
+    durations = [0.0, 0.0005, 0.0007, 0.001, 0.0011, 0.25, 1.0, 3.0, 300.0, 301.5, 0.0007]
+    metrics = Metrics()
+    for seconds in durations:
+        metrics.observe("manifest", "GET", 200, 10, seconds)
+    reference = CollectorRegistry()
+    histogram = Histogram("registry_http_request_duration_seconds", "h", ["endpoint"],
+                          buckets=metrics.duration._upper_bounds, registry=reference)
+    for seconds in durations:
+        histogram.labels("manifest").observe(seconds)
+    mine = _duration_lines(metrics.render()[0].decode())
+    assert mine == _duration_lines(generate_latest(reference).decode())
+    assert 'registry_http_request_duration_seconds_count{endpoint="manifest"} 11.0' in mine
+
+
+async def test_requests_answered_together_update_prometheus_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each prometheus-client update takes a lock and, with several workers, writes a
+    memory-mapped file: the requests of one event-loop iteration make one update per series,
+    visible once that iteration is over (so another worker's scrape sees them)."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = Metrics()
+    child = metrics.requests.labels("manifest", "GET", "200")
+    increments: list[float] = []
+    original = child.inc
+    monkeypatch.setattr(child, "inc", lambda amount=1: (increments.append(amount),
+                                                        original(amount))[1])
+    for _ in range(10):
+        metrics.observe("manifest", "GET", 200, 1536, 0.0007)
+    await asyncio.sleep(0)  # the iteration that answered them is over
+    assert increments == [10]
+
+    def exported(name: str, **labels: str) -> float:
+        return value(parse(generate_latest(metrics.registry).decode()), name, **labels)
+
+    assert exported("registry_http_requests_total",
+                    endpoint="manifest", method="GET", status="200") == 10
+    assert exported("registry_http_response_bytes_total", endpoint="manifest") == 15360
+    assert exported("registry_http_request_duration_seconds_bucket",
+                    endpoint="manifest", le="0.001") == 10
 
 
 async def test_every_request_is_counted_once(aiohttp_client: MakeClient,
@@ -394,3 +449,25 @@ async def test_directory_and_grace_counters(aiohttp_client: MakeClient, tmp_path
     assert value(text, "registry_grace_hits_total") == 1
     assert value(text, "registry_directory_listings_read_total") >= 2  # app/, then again
     assert value(text, "registry_directory_stat_calls_total") >= 2
+
+
+async def test_requests_after_a_failed_update_are_still_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    metrics = Metrics()
+    child = metrics.requests.labels("manifest", "GET", "200")
+    original = child.inc
+
+    def failing(amount: float = 1) -> None:
+        raise OSError("the metrics file could not be written")
+
+    monkeypatch.setattr(child, "inc", failing)
+    metrics.observe("manifest", "GET", 200, 1536, 0.0007)
+    with pytest.raises(OSError):
+        metrics.flush()
+    monkeypatch.setattr(child, "inc", original)
+    metrics.observe("manifest", "GET", 200, 1536, 0.0007)
+    metrics.flush()
+    text = generate_latest(metrics.registry).decode()
+    assert value(parse(text), "registry_http_requests_total",
+                 endpoint="manifest", method="GET", status="200") == 1

@@ -32,7 +32,7 @@ from simple_oci_registry.config import Config
 from simple_oci_registry.errors import ErrorCode, RegistryError
 from simple_oci_registry.handlers import Handlers
 from simple_oci_registry.headers import API_VERSION, API_VERSION_VALUE
-from simple_oci_registry.logs import CUT_SHORT
+from simple_oci_registry.logs import was_cut_short
 from simple_oci_registry.metrics import Metrics
 from simple_oci_registry.pins import PinClient
 from simple_oci_registry.preparation import PreparationStatus, Preparer, read_status
@@ -105,6 +105,7 @@ class Registry:
         if self.auth is not None:
             self.auth.close()
         self.store.close()
+        self.metrics.flush()  # the last requests' tally, before the worker exits
 
     def server(self, **kwargs: object) -> web.Server:
         """The aiohttp protocol factory serving this registry (kwargs go to ``web.Server``)."""
@@ -169,7 +170,7 @@ class Registry:
                 log.exception("unexpected error serving %s %s", request.method, path[:200])
                 response = render_error(RegistryError(ErrorCode.UNKNOWN))
             status = response.status
-            if request.get(CUT_SHORT, False):
+            if was_cut_short(request):
                 status = 499  # answered in part: the client left or the transfer was aborted
             elif request.method != hdrs.METH_HEAD and response.prepared:
                 sent = response.content_length or response.body_length

@@ -32,11 +32,23 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 __all__ = ["ACCESS_LOGGER", "CUT_SHORT", "AccessLogger", "JsonFormatter", "LogOutput",
-           "configure_logging", "dropped_lines"]
+           "configure_logging", "dropped_lines", "was_cut_short"]
 
 ACCESS_LOGGER: Final = "simple_oci_registry.access"
 # Request key: set to True on a request whose response went out in part only (see AccessLogger).
 CUT_SHORT: Final = web.RequestKey("cut_short", bool)
+
+
+def was_cut_short(request: web.BaseRequest) -> bool:
+    """Whether the request's response went out in part only (see CUT_SHORT).
+
+    len() first: most requests carry no keys, and Mapping.get's miss (a KeyError raised and
+    caught) costs more than the rest of this check; it runs twice per request (metrics and
+    the access log).
+    """
+    return bool(len(request) and request.get(CUT_SHORT, False))
+
+
 # Probes and scrapes arrive every few seconds on every node: logged at debug level only.
 _QUIET_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
 _STANDARD_ATTRS: Final = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
@@ -351,9 +363,7 @@ class AccessLogger(AbstractAccessLogger):
         # response as finished, so whoever cuts it short marks the request (CUT_SHORT): its
         # body size is then unknown (sendfile does not say how much the client got), and it
         # must not be logged as the Content-Length it promised.
-        # len() first: most requests carry no keys, and Mapping.get's miss (a KeyError
-        # raised and caught) costs more than the rest of this check.
-        complete = not (len(request) and request.get(CUT_SHORT, False))
+        complete = not was_cut_short(request)
         size = _body_bytes(request, response) if complete else None
         message = (f'{remote} "{request.method} {request.path_qs[:300]}" {response.status} '
                    f'{"-" if size is None else size} {time:.3f}s'
