@@ -87,6 +87,7 @@ LEASE_RETRY_SECONDS: Final = 5.0
 # they wait this many times as long as the check took (nothing on a local disk; on a slow NFS
 # server, a fifth of what one client asks of it).
 SURVEY_IDLE_FACTOR: Final = 4.0
+WALK_CHUNK: Final = 64  # directories checked per step of a walk, between its pauses
 LEASE_FILE: Final = "preparer.lock"
 STATUS_FILE: Final = "preparation.json"
 KINDS_FILE: Final = "preparation-survey.json"  # what the last survey saw, kept over restarts
@@ -346,20 +347,32 @@ class Preparer:
         return True
 
     async def _walk(self) -> list[Listing]:
-        """Every directory's current listing (one stat each; re-read only where changed)."""
+        """Every directory's current listing (one stat each; re-read only where changed).
+
+        Paced like the survey: directories are checked ``WALK_CHUNK`` at a time, with a pause
+        of ``SURVEY_IDLE_FACTOR`` times each chunk's duration after it. A new node's first
+        walk reads every listing (ten thousand name folders: half a second of Python work),
+        and done in one go that work held the interpreter against the requests of the same
+        worker (the first manifest on a fresh server took 11 ms instead of 4).
+        """
         found: list[Listing] = []
         level = [self._root]
         seen: set[int] = set()
         while level:
-            checked = await self._directory.check(level)
             following: list[str] = []
-            for path in level:
-                listing = checked.listings[path]
-                if listing.fingerprint is None or listing.fingerprint.inode in seen:
-                    continue
-                seen.add(listing.fingerprint.inode)
-                found.append(listing)
-                following += [sub for _, sub in listing.subdirectories()]
+            for start in range(0, len(level), WALK_CHUNK):
+                chunk = level[start:start + WALK_CHUNK]
+                started = time.monotonic()
+                checked = await self._directory.check(chunk)
+                for path in chunk:
+                    listing = checked.listings[path]
+                    if listing.fingerprint is None or listing.fingerprint.inode in seen:
+                        continue
+                    seen.add(listing.fingerprint.inode)
+                    found.append(listing)
+                    following += [sub for _, sub in listing.subdirectories()]
+                if len(level) > WALK_CHUNK:
+                    await asyncio.sleep((time.monotonic() - started) * SURVEY_IDLE_FACTOR)
             level = following
         return found
 
