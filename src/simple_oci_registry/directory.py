@@ -278,8 +278,8 @@ class DirectoryView:
         self.root = root
         # Background walkers also say no to the fan-out: they are meant to be gentle.
         self._may_fan_out = fan_out
-        # None: the loop's default executor. Background walkers (preparation.py) pass their
-        # own, so a walk of ten thousand folders never delays a request's few stats.
+        # None: this view's own thread (see _hop). Background walkers (preparation.py) pass
+        # their own executor, so a walk of ten thousand folders never delays a request's stats.
         self._executor = executor
         self._allow_outside = allow_outside
         self._clock = clock
