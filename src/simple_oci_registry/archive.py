@@ -337,13 +337,19 @@ def identify(path: str) -> tuple[Fingerprint, ArchiveKind]:
     survey of a shared directory pays a round trip per call (directories are refused)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # see _open_regular
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ArchiveError("not a regular file")
-        head = os.pread(fd, 512, 0)
+        st, kind = _identify_fd(fd)
     finally:
         os.close(fd)
-    return Fingerprint.of(st), _archive_kind(head)
+    return Fingerprint.of(st), kind
+
+
+def _identify_fd(fd: int) -> tuple[os.stat_result, ArchiveKind]:
+    """The stat and format of the regular file open at ``fd`` (positional read: the
+    descriptor's offset may be shared)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise ArchiveError("not a regular file")
+    return st, _archive_kind(os.pread(fd, HEAD_BYTES, 0))
 
 
 def _archive_kind(head: bytes) -> ArchiveKind:
@@ -369,10 +375,9 @@ def open_archive(path: str, limits: ArchiveLimits | None = None,
     uncompressed tar instead of opening it again (each open is a round trip on NFS).
     """
     limits = limits or ArchiveLimits()
-    st = os.fstat(fd) if fd is not None else None
-    if st is not None and stat.S_ISREG(st.st_mode):
-        assert fd is not None
-        kind = _archive_kind(os.pread(fd, HEAD_BYTES, 0))
+    st: os.stat_result | None = None
+    if fd is not None:
+        st, kind = _identify_fd(fd)  # a pin is always a regular file
     else:
         kind = detect_kind(source or path)
     archive: Archive
