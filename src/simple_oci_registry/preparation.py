@@ -189,15 +189,7 @@ def read_status(cache_dir: Path) -> PreparationStatus | None:
 
 
 def write_status(cache_dir: Path, status: PreparationStatus) -> None:
-    fd, tmp = tempfile.mkstemp(dir=cache_dir / "tmp", prefix="preparation")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(status.as_json(), out)
-        os.replace(tmp, cache_dir / STATUS_FILE)
-    except OSError as exc:
-        log.debug("cannot write the preparation status: %s", exc)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    _write_json(cache_dir, STATUS_FILE, status.as_json())
 
 
 def load_kinds(cache_dir: Path) -> dict[str, Kind]:
@@ -212,16 +204,23 @@ def load_kinds(cache_dir: Path) -> dict[str, Kind]:
 
 
 def save_kinds(cache_dir: Path, kinds: Mapping[str, Kind]) -> None:
-    """Remember the survey in the node's cache (atomically), so that a restarted server does
-    not open every archive of the shared directory again to learn what it already knew."""
-    fd, tmp = tempfile.mkstemp(dir=cache_dir / "tmp", prefix="kinds")
+    """Remember the survey in the node's cache, so that a restarted server does not open
+    every archive of the shared directory again to learn what it already knew."""
+    _write_json(cache_dir, KINDS_FILE, {
+        path: [*dataclasses.astuple(fingerprint), compressed]
+        for path, (fingerprint, compressed) in kinds.items()})
+
+
+def _write_json(cache_dir: Path, name: str, document: object) -> None:
+    """Replace ``cache_dir/name`` atomically (readers in other workers see the old or the
+    new document, never half of one); a failure is only logged: both files are hints."""
+    fd, tmp = tempfile.mkstemp(dir=cache_dir / "tmp", prefix=name)
     try:
         with os.fdopen(fd, "w") as out:
-            json.dump({path: [*dataclasses.astuple(fingerprint), compressed]
-                       for path, (fingerprint, compressed) in kinds.items()}, out)
-        os.replace(tmp, cache_dir / KINDS_FILE)
+            json.dump(document, out)
+        os.replace(tmp, cache_dir / name)
     except OSError as exc:
-        log.debug("cannot remember the survey: %s", exc)
+        log.debug("cannot write %s: %s", name, exc)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
 
@@ -262,6 +261,7 @@ class Preparer:
         self._surveyed: dict[str, tuple[Listing, dict[str, Fingerprint]]] = {}
         self._kinds: dict[str, Kind] = {}  # path -> (seen at, compressed)
         self._kinds_loaded = False
+        self._kinds_changed = False  # sniffed since the survey was last saved
         self._done: dict[str, Outcome] = {}
         self._full_survey_at = float("-inf")
         self.active = False  # holds the node's lease
@@ -398,16 +398,17 @@ class Preparer:
             self._full_survey_at = now
         stale = [listing for listing in listings if full
                  or (old := self._surveyed.get(listing.path)) is None or old[0] is not listing]
-        before = dict(self._kinds)
         fresh = await self._run(self._stat_archives, stale, full)
         keep = {listing.path for listing in listings}
         self._surveyed = {p: v for p, v in self._surveyed.items() if p in keep}
         self._surveyed.update(fresh)
         alive = {entry.path for listing, _ in self._surveyed.values()
                  for entry in listing.archives}
-        self._kinds = {p: k for p, k in self._kinds.items() if p in alive}
-        if self._kinds != before:
-            await self._run(save_kinds, self._cache_dir, self._kinds)
+        kept = {p: k for p, k in self._kinds.items() if p in alive}
+        if self._kinds_changed or len(kept) != len(self._kinds):
+            self._kinds_changed = False
+            await self._run(save_kinds, self._cache_dir, kept)
+        self._kinds = kept
         self.stats.surveys += 1
         return {path: Survey(path, fingerprint) for _, files in self._surveyed.values()
                 for path, fingerprint in files.items()}
@@ -443,6 +444,7 @@ class Preparer:
                 return known
             fingerprint, kind = identify(path)
             known = self._kinds[path] = (fingerprint, kind in _COMPRESSED)
+            self._kinds_changed = True  # kept in the cache directory after this survey
             return known
         except (OSError, ArchiveError):
             return None
